@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PRESET_ENV = "WORKBOOK_PRESET"
-DATA_ENV = "WORKBOOK_DATA"  # where generated artefacts go (default: <repo>/data)
+DATA_ENV = "WORKBOOK_DATA"  # root of generated artefacts (default: <repo>/data), one folder per preset
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class WorkbookConfig:
 
     @property
     def data_dir(self) -> Path:
-        return Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve()
+        """Generated artefacts of this preset: <repo>/data/<preset> (tiny never clobbers full)."""
+        return Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve() / self.name
 
 
 PRESETS: dict[str, WorkbookConfig] = {
@@ -99,13 +100,13 @@ PRESETS: dict[str, WorkbookConfig] = {
         name="full",
         max_records=0,
         max_length=768,
-        train_records=2500,
+        train_records=600,  # ~300k tokens: caching them takes ~9 min on 2 cores
         distill_train_records=512,
         distill_eval_records=48,
         distill_max_new_tokens=160,
         distill_batch_size=16,
         num_heads=4,
-        train_steps=3000,
+        train_steps=2000,
         batch_positions=256,
         eval_every=250,
         eval_positions=8192,

@@ -294,10 +294,13 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {row["id"]: row for row in read_jsonl_resumable(out_path)}
 
-    def prompt_len(conv):
-        return len(tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)) // 3
+    def fits(conv) -> bool:
+        if not any(m["role"] == "user" for m in conv["messages"]):
+            return False
+        text = tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens
 
-    conversations = [c for c in conversations if c["id"] in done or prompt_len(c) <= max_prompt_tokens]
+    conversations = [c for c in conversations if c["id"] in done or fits(c)]
     todo = [c for c in conversations if c["id"] not in done]
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device

@@ -219,15 +219,17 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     eval_hidden, eval_labels = eval_cache["hidden"][eval_pos[pick]], eval_labels[pick]
     train_hidden = train_cache["hidden"]
 
+    sampler_state = generator.get_state()  # as of the last completed step
+
     def checkpoint(step: int) -> None:
         unwrapped = acc.unwrap_model(heads)
         if acc.is_main_process:
             save_heads(unwrapped, out_dir, {"step": step, "label_source": cfg.label_source})
-            _write_log(log_path, rows)
+            _write_log(log_path, [r for r in rows if int(r["step"]) <= step])
             with atomic_path(state_path) as tmp:
                 torch.save({"run_key": run_key, "step": step, "heads": unwrapped.state_dict(),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "generator": generator.get_state(), "log": rows}, tmp)
+                            "generator": sampler_state, "log": [r for r in rows if int(r["step"]) <= step]}, tmp)
 
     def run_eval(step: int, train_stats: torch.Tensor) -> None:
         heads.eval()
@@ -248,7 +250,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     heads.train()
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="training heads",
                disable=not acc.is_main_process)
-    step = start
+    done = start  # optimisation steps completed
     try:
         for step in bar:
             idx = torch.randint(len(train_pos), (cfg.batch_positions,), generator=generator)  # (B,)
@@ -259,6 +261,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
                 loss, per_head = medusa_loss(logits, y, cfg.loss_decay)
             acc.backward(loss)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+            done, sampler_state = step + 1, generator.get_state()
             running += per_head.detach().float().cpu(); n_running += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
@@ -266,7 +269,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
                 running.zero_(); n_running = 0
                 checkpoint(step + 1)
     except KeyboardInterrupt:
-        checkpoint(step)  # keep what is done; calling again resumes here
+        checkpoint(done)  # keep what is done; calling again resumes here
         raise
     finally:
         bar.close()
@@ -310,6 +313,11 @@ def run_training(cfg: WorkbookConfig, model=None, tokenizer=None, on_eval=None, 
     lm_head = model.get_output_embeddings().weight.detach()
     return train_heads(cfg, lm_head, caches["train"], caches["eval"], heads_dir(cfg), heads_config,
                        resume=resume, on_eval=on_eval)
+
+
+def train_job(cfg: WorkbookConfig) -> None:
+    """Entry point for accelerate.notebook_launcher: every process loads the base and trains."""
+    run_training(cfg)
 
 
 def main(argv=None) -> None:

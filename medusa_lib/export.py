@@ -1,0 +1,244 @@
+"""ONNX export of the base model (with tree attention) and of the Medusa heads (paper 2.1.2).
+
+Stock exports (optimum) build a causal mask from a 2-D mask and cannot express a tree, so the base
+graph here takes the mask itself, as an additive bias:
+  inputs   input_ids [1, T] int64, position_ids [1, T] int64,
+           attention_bias [1, 1, T, P+T] float (0 = attend, large negative = masked),
+           past_key_values.{i}.key / .value  [1, P, kv_heads, head_dim]
+  outputs  logits [1, T, V], hidden_states [1, T, C] (after the final norm),
+           present.{i}.key / .value  [1, T, kv_heads, head_dim]  -- only the T new rows.
+The cache is sequence-major, so the first P rows of a preallocated [1, capacity, ...] buffer are one
+contiguous block that ORT reads in place, and the T new rows are written in place after them
+(IO binding, see decoding.py). The heads graph maps hidden_states [B, C] to each head's top-k ids
+and probabilities [B, K, topk]. Llama-family bases (Llama, Vicuna, Mistral, Qwen2/3, SmolLM) are
+supported: the wrapper reuses the model's own projections, norms and rotary embedding.
+
+    paths = export_medusa(model, heads, "data/onnx", topk=10)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from medusa_lib.files import write_json
+from medusa_lib.heads import MedusaHeads
+
+BASE_FILE = "base.onnx"
+HEADS_FILE = "heads.onnx"
+INFO_FILE = "export_info.json"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
+MASKED = -1e9  # additive bias for masked positions (finite, so fp16 stays NaN-free after scaling)
+
+
+def _layers(model):
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj"):
+        raise NotImplementedError(f"{type(model).__name__} is not a Llama-family decoder (model.layers[i].self_attn.q_proj): "
+                                  f"this export supports Llama, Vicuna, Mistral, Qwen2/3 and SmolLM bases.")
+    return inner, layers
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TreeStep(nn.Module):
+    """One forward of T new tokens against P cached ones under an explicit attention bias."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.inner, self.layers = _layers(model)
+
+    def forward(self, input_ids, position_ids, attention_bias, *past):
+        T = input_ids.shape[1]
+        x = self.inner.embed_tokens(input_ids)  # (1, T, C)
+        cos, sin = self.inner.rotary_emb(x, position_ids)  # (1, T, D)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, T, D)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            D = attn.head_dim
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(1, T, -1, D)  # (1, T, H, D)
+            k = attn.k_proj(h).view(1, T, -1, D)  # (1, T, Hkv, D)
+            v = attn.v_proj(h).view(1, T, -1, D)  # (1, T, Hkv, D)
+            if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q = q.transpose(1, 2)  # (1, H, T, D)
+            k = k.transpose(1, 2)  # (1, Hkv, T, D)
+            q = q * cos + _rotate_half(q) * sin
+            k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # (1, T, Hkv, D)
+            presents += [k, v]
+            keys = torch.cat([past[2 * i], k], dim=1).transpose(1, 2)  # (1, Hkv, P+T, D)
+            values = torch.cat([past[2 * i + 1], v], dim=1).transpose(1, 2)  # (1, Hkv, P+T, D)
+            groups = q.shape[1] // keys.shape[1]
+            keys = keys.repeat_interleave(groups, dim=1)  # (1, H, P+T, D)
+            values = values.repeat_interleave(groups, dim=1)  # (1, H, P+T, D)
+            scores = (q @ keys.transpose(-1, -2)) * attn.scaling + attention_bias  # (1, H, T, P+T)
+            out = scores.softmax(-1) @ values  # (1, H, T, D)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, T, -1))  # (1, T, C)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.inner.norm(x)  # (1, T, C)
+        return (self.model.lm_head(hidden), hidden, *presents)
+
+
+class HeadsTopK(nn.Module):
+    """Hidden states (B, C) -> each head's top-k ids and probabilities (B, K, topk)."""
+
+    def __init__(self, heads: MedusaHeads, lm_head: torch.Tensor, topk: int):
+        super().__init__()
+        self.heads, self.topk = heads, topk
+        self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)
+
+    def forward(self, hidden_states):
+        logits = self.heads(hidden_states, self.lm_head if self.heads.lm_heads is None else None)  # (B, K, V)
+        top = logits.softmax(-1).topk(self.topk, dim=-1)  # (B, K, topk)
+        return top.indices, top.values
+
+
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of the base."""
+    _, layers = _layers(model)
+    attn = layers[0].self_attn
+    kv_heads = attn.k_proj.out_features // attn.head_dim
+    return len(layers), kv_heads, attn.head_dim
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
+    return (["input_ids", "position_ids", "attention_bias"] + [f"past_key_values.{n}" for n in kv],
+            ["logits", "hidden_states"] + [f"present.{n}" for n in kv])
+
+
+def causal_bias(past: int, new: int, dtype=np.float32) -> np.ndarray:
+    """(1, 1, new, past+new) additive bias: every new token sees the past and earlier new tokens."""
+    bias = np.zeros((1, 1, new, past + new), dtype=dtype)
+    bias[0, 0, :, past:][np.triu(np.ones((new, new), dtype=bool), 1)] = MASKED
+    return bias
+
+
+def _save(raw_path: Path, out_path: Path) -> None:
+    """Re-save a freshly exported file, with external data when over protobuf's 2 GB limit; the
+    .onnx file is renamed into place last, so an interrupted export is never taken for a good one."""
+    proto = onnx.load(str(raw_path))
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_LIMIT - (64 << 20)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    onnx.save_model(proto, str(tmp), save_as_external_data=large,
+                    location=out_path.name + ".data" if large else None)
+    os.replace(tmp, out_path)
+
+
+def export_base(model, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Export the base's tree step to out_dir/base.onnx (fp32, or fp16 for CUDA)."""
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(dtype=dtype)
+    L, Hkv, D = kv_shape(model)
+    P, T = 3, 2  # example sizes; both axes are dynamic
+    device = next(model.parameters()).device
+    past = [torch.zeros(1, P, Hkv, D, dtype=dtype, device=device) for _ in range(2 * L)]
+    ids = torch.zeros(1, T, dtype=torch.long, device=device)
+    pos = torch.arange(P, P + T, device=device)[None]
+    bias = torch.from_numpy(causal_bias(P, T)).to(device=device, dtype=dtype)
+    names_in, names_out = io_names(L)
+    dynamic = {"input_ids": {1: "T"}, "position_ids": {1: "T"}, "attention_bias": {2: "T", 3: "P_plus_T"},
+               "logits": {1: "T"}, "hidden_states": {1: "T"}}
+    dynamic.update({n: {1: "P"} for n in names_in[3:]})
+    dynamic.update({n: {1: "T"} for n in names_out[2:]})
+    raw = out_dir / (BASE_FILE + ".raw")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TreeStep(model).eval(), (ids, pos, bias, *past), str(raw), input_names=names_in,
+                          output_names=names_out, dynamic_axes=dynamic, opset_version=17, dynamo=False)
+    _save(raw, out_dir / BASE_FILE)
+    raw.unlink()
+    return out_dir / BASE_FILE
+
+
+def export_heads(heads: MedusaHeads, lm_head: torch.Tensor, out_dir: str | Path, topk: int,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    module = HeadsTopK(heads, lm_head, topk).to(dtype=dtype).eval()
+    device = lm_head.device
+    hidden = torch.zeros(1, heads.config.hidden_size, dtype=dtype, device=device)
+    raw = out_dir / (HEADS_FILE + ".raw")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.to(device), (hidden,), str(raw), input_names=["hidden_states"],
+                          output_names=["head_topk_ids", "head_topk_probs"],
+                          dynamic_axes={"hidden_states": {0: "B"}, "head_topk_ids": {0: "B"}, "head_topk_probs": {0: "B"}},
+                          opset_version=17, dynamo=False)
+    _save(raw, out_dir / HEADS_FILE)
+    raw.unlink()
+    return out_dir / HEADS_FILE
+
+
+def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
+                  base_model: str = "") -> dict:
+    """Export base (and heads, when given) and write export_info.json; returns the info dict."""
+    out_dir = Path(out_dir)
+    dtype = torch.float16 if fp16 else torch.float32
+    t0 = time.time()
+    files = {"base": str(export_base(model, out_dir, dtype))}
+    if heads is not None:
+        lm_head = model.get_output_embeddings().weight.detach()
+        files["heads"] = str(export_heads(heads.to(device=lm_head.device), lm_head, out_dir, topk, dtype))
+    L, Hkv, D = kv_shape(model)
+    info = {"files": files, "topk": topk, "dtype": "float16" if fp16 else "float32", "num_layers": L,
+            "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
+            "vocab_size": model.get_output_embeddings().weight.shape[0],
+            "num_heads": heads.config.num_heads if heads is not None else 0,
+            "eos_token_ids": _eos_ids(model), "base_model": base_model, "seconds": round(time.time() - t0, 1)}
+    write_json(out_dir / INFO_FILE, info)
+    return info
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = model.config.eos_token_id if eos is None else eos
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+@torch.no_grad()
+def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[dict]:
+    """Max |Δlogits| of ORT against PyTorch: on the prefill (against the Hugging Face model), on a
+    tree step (against the exported PyTorch module on the same inputs), and for every tree node
+    against the Hugging Face model run on the plain sequence prompt + that node's path."""
+    from medusa_lib.decoding import prefill, verify  # decoding imports this module
+
+    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    P = len(prompt)
+    device = next(model.parameters()).device
+    hf = model(torch.from_numpy(prompt)[None].to(device)).logits[0].float().cpu()  # (P, V)
+    ort_last, _ = prefill(rt, prompt)
+    rows = [{"check": "prefill, last position: ORT vs Hugging Face", "tokens": P,
+             "max_abs_diff": float((ort_last.float().cpu() - hf[-1]).abs().max())}]
+    ort_tree = verify(rt, tree_tokens, tree, P)[0].float().cpu().clone()  # (N, V)
+    L, Hkv, D = kv_shape(model)
+    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * L)]
+    bias = np.zeros((1, 1, len(tree_tokens), P + len(tree_tokens)), dtype=np.float32)
+    bias[0, 0, :, P:] = np.where(tree.mask, 0.0, MASKED)
+    torch_tree = TreeStep(model)(torch.from_numpy(tree_tokens)[None].to(device),
+                                 torch.from_numpy(P + tree.positions)[None].to(device),
+                                 torch.from_numpy(bias).to(device=device, dtype=past[0].dtype), *past)[0][0].float().cpu()
+    rows.append({"check": "tree step: ORT vs PyTorch (same inputs)", "tokens": len(tree_tokens),
+                 "max_abs_diff": float((ort_tree - torch_tree).abs().max())})
+    worst = 0.0
+    for row in tree.retrieve_indices:
+        nodes = row[row >= 0]
+        seq = np.concatenate([prompt, tree_tokens[nodes]])
+        ref = model(torch.from_numpy(seq)[None].to(device)).logits[0, P:].float().cpu()  # (len(nodes), V)
+        worst = max(worst, float((ort_tree[nodes] - ref).abs().max()))
+    rows.append({"check": "tree step: ORT per node vs Hugging Face on prompt + path", "tokens": len(tree_tokens),
+                 "max_abs_diff": worst})
+    return rows

@@ -1,0 +1,130 @@
+"""Sparse candidate trees ("medusa choices") and the buffers tree attention needs (paper 2.1.2).
+
+A tree is plain data: a list of rank paths, (0,) = head 0's top-1, (1,) its top-2, (0, 2) = head 0's
+top-1 then head 1's top-3. `build_tree` turns it once into numpy buffers (see DESIGN_NOTES.md):
+node 0 is the root (the base's own next token), node j >= 1 is path j-1 after sorting by
+(length, lexicographic).
+
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)], topk=10, num_heads=2)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medusa_lib.files import read_json, write_json
+
+PAD = -1  # retrieve_indices padding; never a node index, never read as a token
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    paths: tuple[tuple[int, ...], ...]  # sorted rank paths, node j = paths[j-1]
+    topk: int
+    tree_indices: np.ndarray  # (N,) index of each node's token in the candidate vector
+    positions: np.ndarray  # (N,) depth of each node (root 0)
+    mask: np.ndarray  # (N, N) bool: node i sees node j when j is i or an ancestor of i
+    retrieve_indices: np.ndarray  # (R, depth+1) node indices of each leaf path, PAD-padded
+
+    @property
+    def size(self) -> int:
+        return len(self.positions)
+
+    @property
+    def depth(self) -> int:
+        return int(self.positions.max())
+
+
+def validate_paths(paths, topk: int, num_heads: int) -> list[tuple[int, ...]]:
+    paths = [tuple(int(r) for r in p) for p in paths]
+    seen = set(paths)
+    if len(seen) != len(paths):
+        raise ValueError("The tree lists a path twice.")
+    for p in paths:
+        if not p:
+            raise ValueError("Empty path in the tree: the root is implicit, list only (rank, ...) paths.")
+        if len(p) > num_heads:
+            raise ValueError(f"Path {p} is {len(p)} deep but there are only {num_heads} heads.")
+        if any(r < 0 or r >= topk for r in p):
+            raise ValueError(f"Path {p} uses a rank outside 0..{topk - 1} (topk = {topk}).")
+        if len(p) > 1 and p[:-1] not in seen:
+            raise ValueError(f"Path {p} needs its prefix {p[:-1]} in the tree too.")
+    return sorted(paths, key=lambda p: (len(p), p))
+
+
+def build_tree(paths, topk: int, num_heads: int) -> TreeBuffers:
+    """Buffers for tree attention from a list of rank paths (validated)."""
+    paths = validate_paths(paths, topk, num_heads)
+    node_of = {(): 0, **{p: j + 1 for j, p in enumerate(paths)}}
+    N = len(paths) + 1
+    tree_indices = np.zeros(N, dtype=np.int64)
+    positions = np.zeros(N, dtype=np.int64)
+    mask = np.eye(N, dtype=bool)
+    mask[:, 0] = True  # the root is everyone's ancestor
+    for p, j in node_of.items():
+        if not p:
+            continue
+        tree_indices[j] = 1 + topk * (len(p) - 1) + p[-1]  # only the last rank picks the token
+        positions[j] = len(p)
+        for d in range(1, len(p)):
+            mask[j, node_of[p[:d]]] = True
+    leaves = [p for p in paths if not any(q[: len(p)] == p and len(q) > len(p) for q in paths)]
+    depth = max((len(p) for p in paths), default=0)
+    retrieve = np.full((max(1, len(leaves)), depth + 1), PAD, dtype=np.int64)
+    retrieve[:, 0] = 0
+    for r, leaf in enumerate(leaves):
+        for d in range(1, len(leaf) + 1):
+            retrieve[r, d] = node_of[leaf[:d]]
+    return TreeBuffers(tuple(paths), topk, tree_indices, positions, mask, retrieve)
+
+
+def chain_paths(depth: int) -> list[tuple[int, ...]]:
+    """The top-1 chain: (0,), (0, 0), ... one candidate per head."""
+    return [(0,) * d for d in range(1, depth + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a tree from measured accuracies
+
+def rank_accuracy(topk_acc: np.ndarray) -> np.ndarray:
+    """(K, 5) cumulative top-1..5 accuracies -> (K, 5) probability that rank r is the right one."""
+    topk_acc = np.asarray(topk_acc, dtype=float)
+    return np.diff(np.concatenate([np.zeros((topk_acc.shape[0], 1)), topk_acc], axis=1), axis=1).clip(min=0)
+
+
+def greedy_tree(rank_acc: np.ndarray, budget: int) -> list[tuple[int, ...]]:
+    """Add, one at a time, the node with the highest chance of being accepted (the product of
+    the per-rank accuracies along its path, heads taken as independent) until `budget` nodes."""
+    K, R = rank_acc.shape
+    chosen: dict[tuple, float] = {}
+    frontier = {(r,): rank_acc[0, r] for r in range(R)}
+    while frontier and len(chosen) < budget:
+        best = max(frontier, key=lambda p: (frontier[p], [-x for x in p]))
+        chosen[best] = frontier.pop(best)
+        if len(best) < K:
+            for r in range(R):
+                frontier[best + (r,)] = chosen[best] * rank_acc[len(best), r]
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def expected_tau(paths, rank_acc: np.ndarray) -> float:
+    """Expected tokens per step: 1 (the root) + the sum of every node's acceptance chance."""
+    total = 1.0
+    for p in paths:
+        total += float(np.prod([rank_acc[d, r] if r < rank_acc.shape[1] else 0.0 for d, r in enumerate(p)]))
+    return total
+
+
+def save_tree(path: str | Path, paths, topk: int, **info) -> None:
+    write_json(path, {"paths": [list(p) for p in paths], "topk": topk, **info})
+
+
+def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:
+    raw = read_json(path)
+    if "paths" not in raw or "topk" not in raw:
+        raise ValueError(f"{path} is not a tree file (needs 'paths' and 'topk'); write it with save_tree.")
+    return build_tree([tuple(p) for p in raw["paths"]], raw["topk"], num_heads)

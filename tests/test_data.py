@@ -1,0 +1,120 @@
+"""Data: recovery of cut files, role normalisation, split, assistant-only loss mask."""
+
+import json
+
+import pytest
+
+from medusa_lib.data import (load_conversations, normalise_record, read_jsonl_resumable, split_conversations,
+                             tokenize_conversation)
+
+RECORDS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello! How can I help?"}]},
+    {"id": "b", "conversations": [{"from": "user", "value": "2+2?"}, {"from": "chatgpt", "value": "4, naïvely — and “exactly”."}]},
+    {"id": "c", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour"},
+                                  {"from": "bard", "value": "Blue."}, {"from": "human", "value": "Another"},
+                                  {"from": "bing", "value": "Red."}]},
+    {"id": "d", "conversations": [{"from": "human", "value": "Last one"}, {"from": "assistant", "value": "Fine."}]},
+]
+
+
+def cut_file(tmp_path, cut_inside: int):
+    """The records as a JSON array, cut in the middle of record `cut_inside`; returns (path, start byte)."""
+    head = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS[:cut_inside]) + ",\n"
+    partial = json.dumps(RECORDS[cut_inside], ensure_ascii=False)
+    data = (head + partial[: len(partial) // 2]).encode()
+    path = tmp_path / "cut.json"
+    path.write_bytes(data)
+    return path, len(head.encode())
+
+
+def test_recovers_complete_records_from_a_cut_file(tmp_path):
+    path, start = cut_file(tmp_path, 3)
+    convs, report = load_conversations(path)
+    assert [c["id"] for c in convs] == ["a", "b", "c"]
+    assert report.records_read == 3 and report.kept == 3
+    assert report.truncated_at_byte == start  # where the half record begins
+    assert convs[1]["messages"][1]["content"] == RECORDS[1]["conversations"][1]["value"]
+
+
+def test_complete_file_and_jsonl(tmp_path):
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(RECORDS))
+    convs, report = load_conversations(full)
+    assert len(convs) == 4 and report.truncated_at_byte is None
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    assert [c["id"] for c in load_conversations(jsonl)[0]] == ["a", "b", "c", "d"]
+
+
+def test_packaged_sharegpt_is_recovered():
+    convs, report = load_conversations(None, max_records=10)
+    assert report.records_read > 17_000 and report.truncated_at_byte is not None
+    assert report.truncated_at_byte < report.file_bytes and len(convs) == 10
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_conversations(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "x", "conversations": []} {oops}, {"id": "y"}]')
+    with pytest.raises(ValueError, match="bad.json.*malformed JSON"):
+        load_conversations(bad)
+
+
+def test_roles_normalise_and_skips_are_counted(tmp_path):
+    msgs, reason = normalise_record(RECORDS[2])
+    assert reason is None and [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    bad = [
+        {"id": "1", "conversations": [{"from": "human", "value": "only a question"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}]},
+        {"id": "3", "conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"id": "4", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}]},
+        {"id": "5"},
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(RECORDS[:1] + bad))
+    convs, report = load_conversations(path)
+    assert len(convs) == 1
+    assert report.skipped == {"no assistant turn": 1, "empty turn": 1, "unknown role": 1, "non-string value": 1,
+                              "no conversations": 1}
+
+
+def test_split_is_deterministic_and_eval_never_empty():
+    convs = [{"id": str(i), "messages": []} for i in range(3)]
+    train, eval_ = split_conversations(convs, 0.05, seed=0)
+    assert len(eval_) == 1 and len(train) == 2
+    assert split_conversations(convs, 0.05, seed=0) == (train, eval_)
+    big = [{"id": str(i), "messages": []} for i in range(1000)]
+    t1, e1 = split_conversations(big, 0.1, seed=1)
+    assert len(e1) == 100 and not {c["id"] for c in t1} & {c["id"] for c in e1}
+
+
+def test_mask_selects_exactly_the_assistant_turns(tokenizer):
+    for record in RECORDS:
+        messages, _ = normalise_record(record)
+        ex = tokenize_conversation(tokenizer, messages, max_length=10_000)
+        chosen = [t for t, m in zip(ex["input_ids"], ex["loss_mask"]) if m]
+        assert tokenizer.decode(chosen, skip_special_tokens=True) == "".join(
+            m["content"] for m in messages if m["role"] == "assistant")
+        assert ex["cut"] is None
+        # the end-of-turn token after each reply is trained too, so the heads learn to stop
+        assert sum(1 for t, m in zip(ex["input_ids"], ex["loss_mask"]) if m and t in tokenizer.all_special_ids) == \
+            sum(m["role"] == "assistant" for m in messages)
+
+
+def test_long_conversations_are_cut_at_a_turn_boundary(tokenizer):
+    messages, _ = normalise_record(RECORDS[2])
+    full = tokenize_conversation(tokenizer, messages, max_length=10_000)
+    ex = tokenize_conversation(tokenizer, messages, max_length=len(full["input_ids"]) - 2)
+    assert ex["cut"] == "turn"
+    text = tokenizer.decode(ex["input_ids"])
+    assert text.endswith("Blue.<|im_end|>") and "Red." not in text
+    tiny = tokenize_conversation(tokenizer, messages, max_length=5)
+    assert tiny["cut"] == "mid_turn" and len(tiny["input_ids"]) == 5
+
+
+def test_interrupted_jsonl_drops_the_half_line(tmp_path):
+    path = tmp_path / "distilled.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess')
+    assert [r["id"] for r in read_jsonl_resumable(path)] == ["a", "b"]
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'

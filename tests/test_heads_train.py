@@ -1,0 +1,135 @@
+"""Heads and training: identity at init, distinct blocks, label shift, learning, checkpoints, resume."""
+
+import pytest
+import torch
+
+from medusa_lib.config import get_config
+from medusa_lib.heads import (HeadsConfig, MedusaHeads, export_medusa_layout, import_medusa_layout, load_heads,
+                              save_heads)
+from medusa_lib.train import IGNORE, head_targets, load_hidden_cache, build_hidden_cache, train_heads
+
+C, V = 16, 50
+
+
+def test_fresh_shared_heads_reproduce_the_base_logits(tiny_llama):
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, num_layers=2))
+    h = torch.randn(5, tiny_llama.config.hidden_size)
+    W = tiny_llama.lm_head.weight
+    out = heads(h, W)  # (5, 3, V)
+    for k in range(3):
+        assert torch.equal(out[:, k], tiny_llama.lm_head(h))
+
+
+def test_blocks_are_distinct_parameters():
+    heads = MedusaHeads(HeadsConfig(C, V, num_heads=3, num_layers=2))
+    weights = [b.linear.weight for blocks in heads.blocks for b in blocks]
+    assert len({w.data_ptr() for w in weights}) == 6
+    assert sum(p.numel() for p in heads.parameters()) == 6 * (C * C + C)
+    with torch.no_grad():
+        weights[0].add_(1.0)
+    assert all(torch.count_nonzero(w) == 0 for w in weights[1:])
+
+
+def toy_cache():
+    """Two sequences: tokens 10..17 (assistant from index 3) and 20..24 (assistant from 1)."""
+    tokens = torch.tensor(list(range(10, 18)) + list(range(20, 25)), dtype=torch.int32)
+    return {"tokens": tokens, "base_next": tokens + 100, "hidden": torch.zeros(13, C, dtype=torch.float16),
+            "loss_mask": torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.uint8),
+            "seq": torch.tensor([0] * 8 + [1] * 5, dtype=torch.int32)}
+
+
+def test_label_shift_on_a_toy_sequence():
+    positions, labels = head_targets(toy_cache(), num_heads=2, label_source="data")
+    table = {int(p): labels[i].tolist() for i, p in enumerate(positions)}
+    # head 0 at t predicts token t+2, head 1 token t+3; only assistant targets, never across sequences
+    assert table[1] == [13, 14] and table[0] == [IGNORE, 13] and table[5] == [17, IGNORE]
+    assert 6 not in table and 7 not in table  # targets would lie in the next sequence
+    assert table[8] == [22, 23] and table[10] == [24, IGNORE]
+    _, base_labels = head_targets(toy_cache(), num_heads=2, label_source="base")
+    # "base": base_next[t+1+k], the base's own prediction for position t+2+k (base_next = tokens + 100 here)
+    assert base_labels[(positions == 1).nonzero()[0, 0]].tolist() == [12 + 100, 13 + 100]
+
+
+def synthetic_cache(n=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, C, generator=g)
+    tokens = (hidden[:, :4].argmax(1) * 7 % V).to(torch.int32)  # a learnable function of the position
+    return {"tokens": tokens, "base_next": torch.roll(tokens, -1), "hidden": hidden.half(),
+            "loss_mask": torch.ones(n, dtype=torch.uint8), "seq": torch.zeros(n, dtype=torch.int32)}
+
+
+def train(tmp_path, steps=40, **kw):
+    cfg = get_config("tiny", train_steps=steps, eval_every=10, warmup_steps=2, batch_positions=64, lr=2e-2,
+                     eval_positions=256, label_source="data")
+    torch.manual_seed(0)
+    lm_head = torch.randn(V, C)
+    return train_heads(cfg, lm_head, synthetic_cache(), synthetic_cache(seed=1), tmp_path / "heads",
+                       HeadsConfig(C, V, num_heads=2), **kw)
+
+
+def test_loss_falls_on_a_tiny_run(tmp_path):
+    log = train(tmp_path)["log"]
+    eval0 = [r["loss"] for r in log if r["split"] == "eval" and r["step"] == 0]
+    eval_end = [r["loss"] for r in log if r["split"] == "eval" and r["step"] == 40]
+    assert all(b < 0.8 * a for a, b in zip(eval0, eval_end))
+
+
+def test_interrupted_run_resumes_from_its_saved_step(tmp_path):
+    full = train(tmp_path / "a")["heads"]
+
+    def stop_at_20(rows):
+        if max(int(r["step"]) for r in rows) == 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", on_eval=stop_at_20)
+    resumed = train(tmp_path / "b")
+    assert resumed["resumed_from"] == 20
+    for a, b in zip(full.state_dict().values(), resumed["heads"].state_dict().values()):
+        assert torch.equal(a, b)  # bit-identical to the uninterrupted run
+
+
+def trained_heads(mode):
+    torch.manual_seed(1)
+    heads = MedusaHeads(HeadsConfig(C, V, num_heads=2, num_layers=2, head_output=mode), base_lm_head=torch.randn(V, C))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p))
+    return heads
+
+
+@pytest.mark.parametrize("mode", ["shared", "own"])
+def test_checkpoint_and_medusa_layout_round_trips_are_exact(tmp_path, mode):
+    heads, lm_head = trained_heads(mode), torch.randn(V, C)
+    back = load_heads(save_heads(heads, tmp_path / "ckpt"))
+    layout = import_medusa_layout(export_medusa_layout(heads, tmp_path / "medusa", lm_head), lm_head)
+    assert layout.config.head_output == mode
+    h = torch.randn(4, C)
+    for other in (back, layout):
+        assert other.state_dict().keys() == heads.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), other.state_dict().values()))
+        assert torch.equal(other(h, lm_head), heads(h, lm_head))
+
+
+def test_mismatched_checkpoint_raises_a_clear_error(tmp_path, tiny_llama):
+    save_heads(trained_heads("shared"), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="hidden size 16 vs the base's 64.*retrain"):
+        load_heads(tmp_path / "ckpt", tiny_llama)
+    with pytest.raises(ValueError, match="holds 2 heads but 4"):
+        load_heads(tmp_path / "ckpt", num_heads=4)
+    with pytest.raises(FileNotFoundError, match="heads_config.json"):
+        load_heads(tmp_path / "nothing")
+
+
+def test_hidden_cache_matches_the_base_and_resumes(tmp_path, tiny_llama):
+    examples = [{"input_ids": list(range(3, 3 + n)), "loss_mask": [0] * 2 + [1] * (n - 2)} for n in (7, 12, 5)]
+    folder = build_hidden_cache(tiny_llama, examples, tmp_path, batch_tokens=24, shard_sequences=2)
+    cache = load_hidden_cache(folder)
+    with torch.no_grad():
+        out = tiny_llama(torch.tensor([examples[1]["input_ids"]]), output_hidden_states=True)
+    got = cache["hidden"][7:19].float()
+    torch.testing.assert_close(got, out.hidden_states[-1][0], atol=2e-3, rtol=1e-2)  # fp16 storage
+    assert torch.equal(cache["base_next"][7:19].long(), out.logits[0].argmax(-1))
+    (folder / "manifest.json").unlink(); (folder / "shard_00001.safetensors").unlink()
+    again = load_hidden_cache(build_hidden_cache(tiny_llama, examples, tmp_path, batch_tokens=24, shard_sequences=2))
+    assert all(torch.equal(cache[k], again[k]) for k in cache)

@@ -1,0 +1,74 @@
+"""Tree buffers: the hand-worked example of DESIGN_NOTES.md, a property test, validation, sizing."""
+
+import random
+
+import numpy as np
+import pytest
+
+from medusa_lib.tree import PAD, build_tree, chain_paths, expected_tau, greedy_tree, rank_accuracy
+
+
+def test_hand_worked_five_node_tree():
+    tree = build_tree([(1, 0), (0,), (0, 1), (1,), (0, 0)], topk=10, num_heads=2)  # order does not matter
+    assert tree.paths == ((0,), (1,), (0, 0), (0, 1), (1, 0))
+    assert tree.tree_indices.tolist() == [0, 1, 2, 11, 12, 11]
+    assert tree.positions.tolist() == [0, 1, 1, 2, 2, 2]
+    assert tree.retrieve_indices.tolist() == [[0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    assert tree.mask.astype(int).tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 0, 1, 0, 0, 1],
+    ]
+
+
+def random_tree(rng, num_heads=4, topk=5, size=30):
+    paths = set()
+    while len(paths) < size:
+        parent = rng.choice([()] + [p for p in paths if len(p) < num_heads])
+        paths.add(parent + (rng.randrange(topk),))
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_trees_attend_exactly_to_ancestors(seed):
+    rng = random.Random(seed)
+    paths = random_tree(rng, size=rng.randint(1, 40))
+    tree = build_tree(paths, topk=5, num_heads=4)
+    nodes = [()] + list(tree.paths)
+    for i, p in enumerate(nodes):
+        for j, q in enumerate(nodes):
+            assert tree.mask[i, j] == (p[: len(q)] == q), (p, q)  # j is i or an ancestor of i
+        assert tree.positions[i] == len(p)
+        if p:
+            assert tree.tree_indices[i] == 1 + 5 * (len(p) - 1) + p[-1]
+    leaves = {p for p in tree.paths if not any(q[: len(p)] == p and q != p for q in tree.paths)}
+    rows = {tuple(nodes[n] for n in row if n != PAD)[-1] for row in tree.retrieve_indices}
+    assert rows == leaves  # one row per leaf; padding only after the leaf
+    for row in tree.retrieve_indices:
+        real = row[row != PAD]
+        assert (row[len(real):] == PAD).all() and [len(nodes[n]) for n in real] == list(range(len(real)))
+
+
+@pytest.mark.parametrize("paths, message", [
+    ([(0,), (0, 0), (0, 0, 0)], "only 2 heads"),
+    ([(0,), (10,)], "rank outside"),
+    ([(0,), (1, 0)], "prefix"),
+    ([(0,), (0,)], "twice"),
+])
+def test_invalid_trees_are_refused(paths, message):
+    with pytest.raises(ValueError, match=message):
+        build_tree(paths, topk=10, num_heads=2)
+
+
+def test_greedy_tree_and_expected_tau():
+    rank_acc = rank_accuracy(np.array([[0.5, 0.7, 0.8, 0.85, 0.9], [0.3, 0.4, 0.5, 0.55, 0.6]]))
+    assert np.allclose(rank_acc[0], [0.5, 0.2, 0.1, 0.05, 0.05])
+    assert expected_tau(chain_paths(2), rank_acc) == pytest.approx(1 + 0.5 + 0.5 * 0.3)
+    tree = greedy_tree(rank_acc, 6)
+    assert len(tree) == 6 and tree[:3] == [(0,), (1,), (2,)]
+    build_tree(tree, topk=10, num_heads=2)  # prefix-closed and within bounds
+    taus = [expected_tau(greedy_tree(rank_acc, b), rank_acc) for b in range(1, 12)]
+    assert all(b >= a for a, b in zip(taus, taus[1:]))
