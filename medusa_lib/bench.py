@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from medusa_lib.config import WorkbookConfig, get_config
+from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
 
@@ -164,7 +165,8 @@ class Methods:
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
                       "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
         max_nodes = max(t.size for t in self.trees.values())
-        self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes)
+        self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
+                               with_heads=any(m.startswith("medusa") for m in self.methods))
         self.llama = None
         if "llamacpp" in self.methods:
             from llama_cpp import Llama
@@ -195,7 +197,7 @@ class Methods:
         if name == "llamacpp":
             self.llama.reset()
             t = time.perf_counter()
-            out = []
+            out, first = [], t
             for tok in self.llama.generate(ids, temp=0.0, top_k=1, reset=True):
                 if len(out) == 0:
                     first = time.perf_counter()
@@ -205,6 +207,17 @@ class Methods:
             end = time.perf_counter()
             return out, end - first, end - t, 1.0, None
         raise ValueError(f"Unknown method {name!r}: choose from {ALL_METHODS}.")
+
+
+def divergence(model, prompt: list[int], ours: list[int], reference: list[int]) -> dict:
+    """Where two greedy outputs first differ, and the gap between the base's top two logits there
+    (Hugging Face, fp32): a gap near zero means a near-tie that rounding can flip."""
+    import torch
+    pos = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), min(len(ours), len(reference)))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + reference[:pos]], device=model.device)).logits[0, -1].float()
+    top = logits.topk(2).values
+    return {"position": pos, "top2_gap": float(top[0] - top[1])}
 
 
 def _aggregate(records: list[dict]) -> dict:
@@ -230,11 +243,8 @@ def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path
 
 def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens) -> float:
     cfg = get_config(cfg_name)
-    info = read_json(Path(export_dir) / "export_info.json")
     paths = [tuple(p) for p in read_json(tree_file)["paths"]]
     m = Methods(cfg, [method], Path(export_dir), paths, threads)
-    if method in ("ort",):
-        m.rt.heads = None
     q = load_questions(None, cfg, 1)[0]
     m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
     return peak_rss_mb()
@@ -242,7 +252,7 @@ def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_toke
 
 def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
                   max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
-                  export_dir: str | None = None, threads: int | None = None, memory: bool = True,
+                  heads: str | None = None, threads: int | None = None, memory: bool = True,
                   progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
@@ -254,9 +264,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
         methods.remove("llamacpp")
         notes.append("llamacpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python).")
-    export_dir = Path(export_dir) if export_dir else cfg.data_dir / "onnx"
-    if not (export_dir / "export_info.json").is_file():
-        raise FileNotFoundError(f"No exported model in {export_dir}: run notebook 04 (ONNX export) first, or pass --heads/--export-dir.")
+    export_dir = resolve_export_dir(cfg, heads)
     tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
     tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
     if "ort" not in methods:
@@ -268,6 +276,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         runner.run(name, warm, 8)
     per_method = defaultdict(list)
     split = defaultdict(float)
+    divergences = []
     bar = tqdm(total=len(qs) * len(methods), desc="benchmark", disable=not progress)
     for i, q in enumerate(qs):
         ids = prompt_ids(runner.tokenizer, q)
@@ -286,7 +295,11 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                 split["decode_total"] += stats.decode_s
             bar.update(1)
         for name in methods:
-            per_method[name][-1]["identical_to_ort"] = outputs[name] == outputs["ort"]
+            same = outputs[name] == outputs["ort"]
+            per_method[name][-1]["identical_to_ort"] = same
+            if not same and runner.model is not None:
+                divergences.append({"method": name, "question_id": q["question_id"],
+                                    **divergence(runner.model, ids, outputs[name], outputs["ort"])})
     bar.close()
     mem = {}
     if memory:
@@ -295,6 +308,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         for name in methods:
             mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens))
     result = {"methods": {}, "categories": {}, "time_split_medusa_tree": dict(split), "notes": notes,
+              "divergences_from_ort": divergences,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0]},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
@@ -334,7 +348,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark Medusa on ONNX Runtime against its peers.")
     p.add_argument("--preset"); p.add_argument("--questions"); p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods")
-    p.add_argument("--tree"); p.add_argument("--heads", help="folder of exported ONNX files (base.onnx, heads.onnx)")
+    p.add_argument("--tree"); p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)

@@ -88,13 +88,16 @@ def execution_providers(provider: str = "auto") -> list[str]:
 
 
 def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
-                 max_nodes: int = 128, with_heads: bool = True) -> OrtRuntime:
+                 max_nodes: int = 128, with_heads: bool = True, spin: bool = False) -> OrtRuntime:
     export_dir = Path(export_dir)
     info = read_json(export_dir / INFO_FILE)
     providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # ORT's workers otherwise spin after each run and starve the loop's own small steps (accept,
+    # compact) of the few CPU cores: measured on 2 cores, a Medusa step went from ~215 to ~120 ms.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     base = ort.InferenceSession(str(export_dir / BASE_FILE), options, providers=providers)
     heads = None
     if with_heads and (export_dir / HEADS_FILE).is_file():
@@ -189,7 +192,7 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
     cand = tree_tokens[np.where(valid, child, 0)]  # (R, D)
     parent = retrieve[:, :-1].clip(min=0)  # (R, D)
     if temperature <= 0:
-        argmax = logits.argmax(-1).cpu().numpy()  # (N,)
+        argmax = (logits.numpy().argmax(-1) if logits.device.type == "cpu" else logits.argmax(-1).cpu().numpy())  # (N,)
         ok = (cand == argmax[parent]) & valid  # (R, D)
         accept_len = np.cumprod(ok, axis=1).sum(axis=1)  # (R,)
         row = int(np.argmax(accept_len))
@@ -210,8 +213,12 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
 
 def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
     """5. Move the accepted nodes' K/V rows from n + node to n, n+1, ... (a few rows, not the cache)."""
+    if rt.device.type == "cpu":  # numpy on the shared memory: no torch thread pool for a few rows
+        cache = rt.cache.numpy()  # (2L, 1, capacity, Hkv, D), same memory
+        cache[:, 0, n: n + len(nodes)] = cache[:, 0, n + nodes]  # (2L, L+1, Hkv, D); the RHS is gathered first
+        return
     src = torch.from_numpy(n + nodes).to(rt.device)  # (L+1,)
-    rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D); the RHS is gathered first
+    rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             logits, hiddens = run_base(rt, one, np.array([n]), np.zeros((1, 1, 1, n + 1), rt.np_dtype), n)
             t_verify = time.perf_counter(); split["verify"] += t_verify - t
             if temperature <= 0:
-                next_root = int(logits[0].argmax())
+                next_root = int(logits[0].numpy().argmax() if logits.device.type == "cpu" else logits[0].argmax())
             else:
                 p = torch.softmax(logits[0].float() / temperature, -1).cpu().numpy().astype(np.float64)
                 next_root = int(rng.choice(len(p), p=p / p.sum()))

@@ -99,7 +99,7 @@ class HeadsTopK(nn.Module):
     def __init__(self, heads: MedusaHeads, lm_head: torch.Tensor, topk: int):
         super().__init__()
         self.heads, self.topk = heads, topk
-        self.register_buffer("lm_head", lm_head.detach().clone(), persistent=False)
+        self.lm_head = nn.Parameter(lm_head.detach().clone(), requires_grad=False)  # an initializer, so it can be quantised
 
     def forward(self, hidden_states):
         logits = self.heads(hidden_states, self.lm_head if self.heads.lm_heads is None else None)  # (B, K, V)
@@ -183,8 +183,18 @@ def export_heads(heads: MedusaHeads, lm_head: torch.Tensor, out_dir: str | Path,
     return out_dir / HEADS_FILE
 
 
+def quantize_heads(path: Path) -> None:
+    """int8 weights (dynamic quantisation) for the heads graph only. The heads merely propose and
+    the fp32 base verifies, so outputs stay exact; the heads' vocabulary layer reads 4x fewer bytes."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.name + ".int8")
+    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    os.replace(tmp, path)
+
+
 def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
-                  base_model: str = "") -> dict:
+                  base_model: str = "", int8_heads: bool = False) -> dict:
     """Export base (and heads, when given) and write export_info.json; returns the info dict."""
     out_dir = Path(out_dir)
     dtype = torch.float16 if fp16 else torch.float32
@@ -193,12 +203,15 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
     if heads is not None:
         lm_head = model.get_output_embeddings().weight.detach()
         files["heads"] = str(export_heads(heads.to(device=lm_head.device), lm_head, out_dir, topk, dtype))
+        if int8_heads:
+            quantize_heads(Path(files["heads"]))
     L, Hkv, D = kv_shape(model)
     info = {"files": files, "topk": topk, "dtype": "float16" if fp16 else "float32", "num_layers": L,
             "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
             "vocab_size": model.get_output_embeddings().weight.shape[0],
             "num_heads": heads.config.num_heads if heads is not None else 0,
-            "eos_token_ids": _eos_ids(model), "base_model": base_model, "seconds": round(time.time() - t0, 1)}
+            "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
+            "seconds": round(time.time() - t0, 1)}
     write_json(out_dir / INFO_FILE, info)
     return info
 
@@ -242,3 +255,26 @@ def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[
     rows.append({"check": "tree step: ORT per node vs Hugging Face on prompt + path", "tokens": len(tree_tokens),
                  "max_abs_diff": worst})
     return rows
+
+
+def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
+    """The exported ONNX folder for `--heads DIR`: DIR itself when it holds an export, DIR/onnx
+    (exported now if missing) when it holds a heads checkpoint, else the workbook's data/<preset>/onnx."""
+    if heads is None:
+        folder = cfg.data_dir / "onnx"
+        if not (folder / INFO_FILE).is_file():
+            raise FileNotFoundError(f"No exported model in {folder}: run notebook 04 (ONNX export) first, or pass --heads DIR.")
+        return folder
+    heads = Path(heads)
+    if (heads / INFO_FILE).is_file():
+        return heads
+    if (heads / "heads_config.json").is_file():
+        folder = heads / "onnx"
+        if not (folder / INFO_FILE).is_file():
+            from medusa_lib.base import load_base
+            from medusa_lib.heads import load_heads
+            model, _ = load_base(cfg.base_model, "cpu", "float32")
+            export_medusa(model, load_heads(heads, model), folder, cfg.topk, base_model=cfg.base_model,
+                          int8_heads=cfg.int8_heads)
+        return folder
+    raise FileNotFoundError(f"{heads} holds neither an ONNX export ({INFO_FILE}) nor a heads checkpoint (heads_config.json).")

@@ -3,14 +3,14 @@
     python -m medusa_lib.generate --prompt "Tell me about llamas" [--heads DIR] [--tree FILE]
         [--max-new-tokens N] [--temperature T] [--plain]
 
---heads is the folder of exported ONNX files (notebook 04 writes data/onnx); --tree a tree JSON
-(notebook 03 or 06 writes data/trees/). Both default to what the workbook's last run produced.
+--heads is a heads checkpoint folder (exported to ONNX on first use) or an exported ONNX folder;
+--tree a tree JSON (notebooks 03 and 06 write data/<preset>/trees/). Both default to what the
+workbook's last run produced.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -18,6 +18,7 @@ from medusa_lib.base import checkpoint_path
 from medusa_lib.bench import default_tree_file
 from medusa_lib.config import get_config
 from medusa_lib.decoding import generate, load_runtime
+from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json
 from medusa_lib.tree import load_tree
 
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--preset")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)
-    export_dir = Path(a.heads) if a.heads else cfg.data_dir / "onnx"
+    export_dir = resolve_export_dir(cfg, a.heads)
     info = read_json(export_dir / "export_info.json")
     tree = None if a.plain else load_tree(a.tree or default_tree_file(cfg), info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,

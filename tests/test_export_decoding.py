@@ -100,3 +100,14 @@ def test_accept_picks_the_longest_agreeing_path():
         logits[node, nxt] = 1.0  # base argmax after each node
     row, L, root = accept(tokens, logits, tree, 0.0, None)
     assert tree.retrieve_indices[row].tolist() == [0, 2, 4] and L == 2 and root == 3
+
+
+def test_int8_heads_change_proposals_not_outputs(tiny_llama, tmp_path):
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3))
+    info = export_medusa(tiny_llama, heads, tmp_path, topk=4, int8_heads=True)
+    assert info["int8_heads"]
+    rt8 = load_runtime(tmp_path, capacity=256, max_nodes=16)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    for prompt in PROMPTS:
+        assert generate(rt8, prompt, tree, 30, eos_token_ids=[])[0] == hf_greedy(tiny_llama, prompt, 30)
+
