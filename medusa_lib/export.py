@@ -82,9 +82,10 @@ class TreeStep(nn.Module):
             presents += [k, v]
             keys = torch.cat([past[2 * i], k], dim=1).transpose(1, 2)  # (1, Hkv, P+T, D)
             values = torch.cat([past[2 * i + 1], v], dim=1).transpose(1, 2)  # (1, Hkv, P+T, D)
-            groups = q.shape[1] // keys.shape[1]
-            keys = keys.repeat_interleave(groups, dim=1)  # (1, H, P+T, D)
-            values = values.repeat_interleave(groups, dim=1)  # (1, H, P+T, D)
+            groups = q.shape[1] // keys.shape[1]  # grouped-query attention: each kv head serves `groups` heads
+            S = keys.shape[2]
+            keys = keys[:, :, None].expand(1, keys.shape[1], groups, S, D).reshape(1, -1, S, D)  # (1, H, P+T, D)
+            values = values[:, :, None].expand(1, values.shape[1], groups, S, D).reshape(1, -1, S, D)  # (1, H, P+T, D)
             scores = (q @ keys.transpose(-1, -2)) * attn.scaling + attention_bias  # (1, H, T, P+T)
             out = scores.softmax(-1) @ values  # (1, H, T, D)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(1, T, -1))  # (1, T, C)
