@@ -98,7 +98,7 @@ def checkpoint_path(name_or_path: str = EMBEDDED) -> str:
     if name_or_path.endswith(".gguf"):
         gguf = Path(name_or_path)
         return str(convert_gguf(gguf, cache_dir() / "models" / gguf.stem))
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids are "org/name"
     if looks_local and not Path(name_or_path).expanduser().exists():
         raise FileNotFoundError(f"Model path {name_or_path} does not exist: pass a local folder or a Hugging Face model id.")
     return name_or_path

@@ -153,6 +153,14 @@ def run_heads(rt: OrtRuntime, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndar
     return ids[0], probs[0]  # (K, topk), (K, topk)
 
 
+def next_token(logits: torch.Tensor, temperature: float, rng: np.random.Generator | None) -> int:
+    """The base's choice from logits (V,): argmax (greedy), or a sample at `temperature`."""
+    if temperature <= 0:
+        return int(logits.numpy().argmax() if logits.device.type == "cpu" else logits.argmax())
+    p = torch.softmax(logits.float() / temperature, dim=-1).cpu().numpy().astype(np.float64)  # (V,)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
 # ----------------------------------------------------------------------------------------------
 # The five steps
 
@@ -207,8 +215,7 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
     logp = np.where(np.cumprod(ok, axis=1) > 0, np.log(np.maximum(p_cand, 1e-20)), 0.0).sum(axis=1)  # (R,)
     row = int(np.lexsort((-logp, -accept_len))[0])  # longest, then most probable
     L = int(accept_len[row])
-    last = probs[retrieve[row, L]].cpu().numpy().astype(np.float64)  # (V,)
-    return row, L, int(rng.choice(len(last), p=last / last.sum()))
+    return row, L, next_token(logits[retrieve[row, L]], temperature, rng)
 
 
 def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
@@ -244,11 +251,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
 
     t0 = time.perf_counter()
     logits, hidden = prefill(rt, prompt)  # 1
-    if temperature <= 0:
-        root = int(logits.argmax())
-    else:
-        p = torch.softmax(logits.float() / temperature, -1).cpu().numpy().astype(np.float64)
-        root = int(rng.choice(len(p), p=p / p.sum()))
+    root = next_token(logits, temperature, rng)
     stats.prefill_s = time.perf_counter() - t0
     n = len(prompt)
     t_start = time.perf_counter()
@@ -274,11 +277,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             one = np.array([root])
             logits, hiddens = run_base(rt, one, np.array([n]), np.zeros((1, 1, 1, n + 1), rt.np_dtype), n)
             t_verify = time.perf_counter(); split["verify"] += t_verify - t
-            if temperature <= 0:
-                next_root = int(logits[0].numpy().argmax() if logits.device.type == "cpu" else logits[0].argmax())
-            else:
-                p = torch.softmax(logits[0].float() / temperature, -1).cpu().numpy().astype(np.float64)
-                next_root = int(rng.choice(len(p), p=p / p.sum()))
+            next_root = next_token(logits[0], temperature, rng)
             split["accept"] += time.perf_counter() - t_verify
             L, emitted = 0, [root]
         stats.steps += 1

@@ -118,3 +118,17 @@ def test_interrupted_jsonl_drops_the_half_line(tmp_path):
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess')
     assert [r["id"] for r in read_jsonl_resumable(path)] == ["a", "b"]
     assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
+    import os
+
+    from medusa_lib.files import atomic_path, write_json
+    write_json(tmp_path / "a.json", {"x": 1})
+    umask = os.umask(0); os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "b.json") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
