@@ -198,9 +198,10 @@ def _content_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, last_turn_complete: bool = True) -> dict:
     """input_ids and a loss mask covering exactly the assistant tokens (and the end-of-turn token
-    after each reply), cut to `max_length` at a turn boundary where possible.
+    after each reply, except after a last reply that was cut short), cut to `max_length` at a turn
+    boundary where possible.
 
     Returns {"input_ids", "loss_mask", "cut": None | "turn" | "mid_turn"}."""
     text, spans = _content_spans(tokenizer, messages)
@@ -210,14 +211,15 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> d
     mask = [0] * len(ids)
     turn_end_token = []  # index of the last token of each message (for cutting at turn boundaries)
     t = 0
-    for start, end, role in spans:
+    for n_span, (start, end, role) in enumerate(spans):
+        closed = last_turn_complete or n_span < len(spans) - 1
         while t < len(ids) and offsets[t][1] <= start:
             t += 1
         while t < len(ids) and offsets[t][0] < end:
             if role == "assistant" and offsets[t][0] >= start and offsets[t][1] <= end:
                 mask[t] = 1
             t += 1
-        if role == "assistant" and t < len(ids) and ids[t] in special:  # the end-of-turn token
+        if role == "assistant" and closed and t < len(ids) and ids[t] in special:  # the end-of-turn token
             mask[t] = 1
         turn_end_token.append((min(t, len(ids) - 1), role))
     cut = None
@@ -236,7 +238,7 @@ def tokenize_all(tokenizer, conversations: list[dict], max_length: int, desc: st
     examples, counts = [], {"cut_at_turn": 0, "cut_mid_turn": 0, "template_mismatch": 0, "no_assistant_tokens": 0}
     for conv in tqdm(conversations, desc=desc, leave=False):
         try:
-            ex = tokenize_conversation(tokenizer, conv["messages"], max_length)
+            ex = tokenize_conversation(tokenizer, conv["messages"], max_length, conv.get("complete", True))
         except ValueError:
             counts["template_mismatch"] += 1
             continue
@@ -253,10 +255,11 @@ def tokenize_all(tokenizer, conversations: list[dict], max_length: int, desc: st
 # Self-distillation: the base answers the first user turn itself
 
 def first_prompt(messages: list[dict]) -> list[dict]:
-    """The messages up to and including the first user turn."""
+    """The first user turn, with any system message before it. Assistant turns before it (ShareGPT
+    has conversations that open with one) are dropped: a distilled reply must be the base's alone."""
     for i, m in enumerate(messages):
         if m["role"] == "user":
-            return messages[: i + 1]
+            return [x for x in messages[:i] if x["role"] == "system"] + [m]
     raise ValueError("conversation has no user turn")
 
 
@@ -300,8 +303,16 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
         text = tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens
 
+    stale = [c["id"] for c in conversations if c["id"] in done and any(m["role"] == "user" for m in c["messages"])
+             and done[c["id"]]["messages"][:-1] != first_prompt(c["messages"])]
+    if stale:  # rows written for another prompt (older code, edited data) are dropped and redone
+        for key in stale:
+            del done[key]
+        write_jsonl(out_path, list(done.values()))
     conversations = [c for c in conversations if c["id"] in done or fits(c)]
     todo = [c for c in conversations if c["id"] not in done]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     with open(out_path, "a", encoding="utf-8") as fh, tqdm(total=len(conversations), initial=len(conversations) - len(todo),
@@ -314,9 +325,13 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-            replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-            for conv, prompt, reply in zip(batch, prompts, replies):
-                row = {"id": conv["id"], "messages": prompt + [{"role": "assistant", "content": reply.strip() or "."}]}
+            new_ids = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+            replies = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+            for conv, prompt, reply, ids in zip(batch, prompts, replies, new_ids.tolist()):
+                # complete: the base ended its turn itself; a reply cut at max_new_tokens gets no
+                # end-of-turn label (tokenize_conversation), since the base would have gone on
+                row = {"id": conv["id"], "messages": prompt + [{"role": "assistant", "content": reply.strip() or "."}],
+                       "complete": any(i in eos for i in ids)}
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                 done[conv["id"]] = row
             fh.flush()

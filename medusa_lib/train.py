@@ -3,8 +3,9 @@
 The base is frozen, so its final hidden states and its own next-token choices are computed once,
 stored in fp16 shards (resumable, atomic) and reused by every training run. Loss: sum over heads of
 decay**k * CE_k; head k at position t learns the token at t+2+k, only where that token is an
-assistant token. Labels are the data's tokens or the base's own argmax ("base"); evaluation always
-scores against the base's own argmax, which is what decides acceptance.
+assistant token. Labels are the data's tokens, the base's own argmax ("base"), or that argmax only
+where the data follows the base's own choices ("greedy"); evaluation always scores against the
+base's greedy continuation, which is what decides acceptance.
 
 Runs under Hugging Face accelerate, on one CPU or many GPUs:
     python -m medusa_lib.train --preset tiny
@@ -105,19 +106,30 @@ def head_targets(cache: dict[str, torch.Tensor], num_heads: int, label_source: s
     """(positions (P,), labels (P, K)): for head k at position t the target sits at t+2+k in the
     same sequence, counted only where it is an assistant token; IGNORE elsewhere.
 
-    label_source "data": the token itself; "base": the base's argmax at t+1+k (what the base would
-    generate there)."""
-    if label_source not in ("data", "base"):
-        raise ValueError(f"label_source must be 'data' or 'base', not {label_source!r}")
+    label_source "data": the token itself. "base": the base's argmax at t+1+k, i.e. what the base
+    would generate there given the data's prefix. "greedy": that same label, kept only where the data
+    from t+1 to t+1+k is what the base itself would have generated; then the label is exactly the
+    base's greedy continuation from t, which is what decides acceptance (self-distillation without
+    generating anything)."""
+    if label_source not in ("data", "base", "greedy"):
+        raise ValueError(f"label_source must be 'data', 'base' or 'greedy', not {label_source!r}")
     N = cache["tokens"].shape[0]
+    seq = cache["seq"]
     labels = torch.full((N, num_heads), IGNORE, dtype=torch.long)
     source = cache["tokens"] if label_source == "data" else cache["base_next"]
     shift = 0 if label_source == "data" else 1  # base_next[j-1] predicts token j
+    # on_path[i]: token i+1 is the base's own choice after token i (same sequence)
+    on_path = torch.zeros(N, dtype=torch.bool)
+    on_path[:-1] = (cache["base_next"][:-1] == cache["tokens"][1:]) & (seq[:-1] == seq[1:])
+    follows = torch.ones(N, dtype=torch.bool)  # data from t+1 to t+1+k follows the base's choices
     for k in range(num_heads):
         off = 2 + k
         t = torch.arange(N - off)  # positions with a target inside the cache
         j = t + off  # target index
-        ok = (cache["seq"][j] == cache["seq"][t]) & (cache["loss_mask"][j] > 0)  # (N-off,)
+        ok = (seq[j] == seq[t]) & (cache["loss_mask"][j] > 0)  # (N-off,)
+        if label_source == "greedy":
+            follows[: N - k] &= on_path[k:]  # adds the step from t+k to t+k+1
+            ok &= follows[: N - off]
         labels[t[ok], k] = source[j[ok] - shift].long()
     positions = torch.nonzero((labels != IGNORE).any(1)).squeeze(1)  # (P,)
     return positions, labels[positions]  # (P,), (P, K)
@@ -163,6 +175,18 @@ def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tens
 # ----------------------------------------------------------------------------------------------
 # 3. The training loop (accelerate), with checkpoints and resume
 
+def training_precision(setting: str, use_cuda: bool) -> str:
+    """accelerate's mixed_precision for `setting` ("auto", "bf16" or "fp32"). "auto" picks bf16 on
+    CUDA and on CPUs with native bf16 matrix units, where it is 2-3x faster than fp32 here; the
+    frozen base and the evaluation stay fp32 either way."""
+    if setting not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train_precision must be 'auto', 'bf16' or 'fp32', not {setting!r}")
+    if setting == "auto":
+        cpu_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        setting = "bf16" if use_cuda or cpu_bf16 else "fp32"
+    return "bf16" if setting == "bf16" else "no"
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -188,9 +212,9 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     Returns {"heads": MedusaHeads, "log": [rows], "seconds": float, "resumed_from": int}."""
     out_dir = Path(out_dir)
     use_cuda = torch.cuda.is_available() and lm_head.is_cuda
-    acc = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if use_cuda else "no")
+    acc = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
     run_key = fingerprint(dataclasses.asdict(heads_config), cfg.lr, cfg.train_steps, cfg.batch_positions,
-                          cfg.loss_decay, cfg.label_source, cfg.seed, cfg.warmup_steps)
+                          cfg.loss_decay, cfg.label_source, cfg.seed, cfg.warmup_steps, acc.mixed_precision)
     torch.manual_seed(cfg.seed)
     heads = MedusaHeads(heads_config, base_lm_head=lm_head.float().cpu())
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -209,10 +233,11 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         else:
             acc.print(f"{state_path} belongs to other settings: starting afresh")
     heads, optimizer = acc.prepare(heads, optimizer)
-    lm_head = lm_head.to(acc.device)
+    lm_head = lm_head.to(acc.device)  # fp32 for evaluation
+    train_lm_head = lm_head.to(torch.bfloat16) if acc.mixed_precision == "bf16" else lm_head  # cast once, not per step
 
     train_pos, train_labels = head_targets(train_cache, heads_config.num_heads, cfg.label_source)
-    eval_pos, eval_labels = head_targets(eval_cache, heads_config.num_heads, "base")
+    eval_pos, eval_labels = head_targets(eval_cache, heads_config.num_heads, "greedy")  # what acceptance checks
     if len(train_pos) == 0 or len(eval_pos) == 0:
         raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
     pick = torch.randperm(len(eval_pos), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions]
@@ -257,7 +282,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
             h = train_hidden[train_pos[idx]].to(device=acc.device, dtype=lm_head.dtype)  # (B, C)
             y = train_labels[idx].to(acc.device)  # (B, K)
             with acc.autocast():
-                logits = heads(h, lm_head)  # (B, K, V)
+                logits = heads(h, train_lm_head)  # (B, K, V)
                 loss, per_head = medusa_loss(logits, y, cfg.loss_decay)
             acc.backward(loss)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
@@ -325,6 +350,8 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default=None, help="tiny or full (default: $WORKBOOK_PRESET or full)")
     parser.add_argument("--num-heads", type=int); parser.add_argument("--num-layers", type=int)
     parser.add_argument("--head-output", choices=["shared", "own"]); parser.add_argument("--lr", type=float)
+    parser.add_argument("--label-source", choices=["greedy", "base", "data"])
+    parser.add_argument("--train-precision", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--train-steps", type=int); parser.add_argument("--base-model")
     parser.add_argument("--fresh", action="store_true", help="ignore an earlier checkpoint")
     args = parser.parse_args(argv)

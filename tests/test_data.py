@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from medusa_lib.data import (load_conversations, normalise_record, read_jsonl_resumable, split_conversations,
-                             tokenize_conversation)
+from medusa_lib.data import (first_prompt, load_conversations, normalise_record, read_jsonl_resumable, self_distill,
+                             split_conversations, tokenize_conversation)
 
 RECORDS = [
     {"id": "a", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello! How can I help?"}]},
@@ -111,6 +111,44 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tokenizer):
     assert text.endswith("Blue.<|im_end|>") and "Red." not in text
     tiny = tokenize_conversation(tokenizer, messages, max_length=5)
     assert tiny["cut"] == "mid_turn" and len(tiny["input_ids"]) == 5
+
+
+def test_a_reply_cut_short_gets_no_end_of_turn_label(tokenizer):
+    messages, _ = normalise_record(RECORDS[0])
+    closed = tokenize_conversation(tokenizer, messages, 10_000)
+    cut = tokenize_conversation(tokenizer, messages, 10_000, last_turn_complete=False)
+    assert closed["input_ids"] == cut["input_ids"]
+    assert sum(closed["loss_mask"]) == sum(cut["loss_mask"]) + 1
+    assert tokenizer.decode([t for t, m in zip(cut["input_ids"], cut["loss_mask"]) if m]) == messages[-1]["content"]
+
+
+def test_first_prompt_keeps_system_drops_earlier_assistant_turns():
+    msgs = [{"role": "system", "content": "S"}, {"role": "assistant", "content": "GPT text"},
+            {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    assert first_prompt(msgs) == [msgs[0], msgs[2]]
+    with pytest.raises(ValueError, match="no user turn"):
+        first_prompt(msgs[:2])
+
+
+def test_self_distillation_redoes_rows_written_for_another_prompt(tmp_path, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         eos_token_id=tokenizer.eos_token_id)).eval()
+    convs = [{"id": "x", "messages": [{"role": "assistant", "content": "Earlier GPT text"}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello"}]},
+             {"id": "y", "messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]}]
+    out = tmp_path / "distilled.jsonl"
+    stale = {"id": "x", "messages": convs[0]["messages"][:2] + [{"role": "assistant", "content": "old"}]}
+    out.write_text(json.dumps(stale) + "\n")
+    rows = self_distill(model, tokenizer, convs, out, max_new_tokens=4, batch_size=2)
+    assert [r["messages"][:-1] for r in rows] == [[convs[0]["messages"][1]], [convs[1]["messages"][0]]]
+    assert all(r["complete"] in (True, False) for r in rows)
+    assert [r["id"] for r in read_jsonl_resumable(out)] == ["x", "y"]  # the stale row is gone from the file
+    assert self_distill(model, tokenizer, convs, out, max_new_tokens=4, batch_size=2) == rows  # resumes, redoes nothing
 
 
 def test_interrupted_jsonl_drops_the_half_line(tmp_path):

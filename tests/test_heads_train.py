@@ -50,6 +50,20 @@ def test_label_shift_on_a_toy_sequence():
     assert base_labels[(positions == 1).nonzero()[0, 0]].tolist() == [12 + 100, 13 + 100]
 
 
+def test_greedy_labels_keep_only_positions_on_the_bases_own_path():
+    cache = toy_cache()
+    cache["base_next"] = torch.roll(cache["tokens"], -1)  # the base agrees with the data ...
+    cache["base_next"][4] = 99  # ... except after token 4: token 5 is not what the base would say
+    positions, labels = head_targets(cache, num_heads=2, label_source="greedy")
+    table = {int(p): labels[i].tolist() for i, p in enumerate(positions)}
+    # from t=3 the base's greedy path is token 4, then 99: head 0's label is 99, head 1 has no valid label
+    assert table[3] == [99, IGNORE]
+    assert 4 not in table  # token 5 is off the base's path from t=4
+    assert table[2] == [14, 99]  # from t=2 the path is 13, 14, then the base's 99
+    assert table[5] == [17, IGNORE]
+    assert table[1] == [13, 14] and table[8] == [22, 23]
+
+
 def synthetic_cache(n=600, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, C, generator=g)
