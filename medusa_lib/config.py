@@ -40,6 +40,11 @@ class WorkbookConfig:
     num_heads: int = 4
     num_layers: int = 1  # residual blocks per head
     head_output: str = "shared"  # "shared": frozen base lm_head; "own": a vocab layer per head
+    token_inputs: str = "none"  # "none": Medusa-1 (the paper); "root": heads also see the root token;
+    # "path": head k sees the root and the k tokens drafted before it (sequential, Hydra-style); see heads.py
+    block_expansion: int = 0  # 0: the paper's block x + SiLU(Wx+b); r: an MLP block of width r * hidden
+    head_vocab: int = 0  # 0: heads score the whole vocabulary; M: only the M tokens the base writes most
+    head_target: str = "hard"  # "hard": the label; "soft": the base's top-8 distribution (Hydra's teacher loss)
     label_source: str = "greedy"  # "greedy": the base's own continuation, where the data follows it; "base": the
     # base's argmax everywhere; "data": the data's tokens (see train.head_targets)
     loss_decay: float = 0.8  # head k weighted decay**k (Medusa-2 recipe; 1.0 = legacy trainer)
@@ -64,6 +69,18 @@ class WorkbookConfig:
     bench_max_new_tokens: int = 128
     bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree")
     cost_curve_sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+    def __post_init__(self):
+        problems = [f"{name} must be at least {low}, not {getattr(self, name)!r}" for name, low in (
+            ("num_heads", 1), ("num_layers", 1), ("train_steps", 1), ("batch_positions", 1), ("eval_every", 1),
+            ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1),
+            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0)) if not getattr(self, name) >= low]
+        if self.token_inputs not in ("none", "root", "path"):
+            problems.append(f"token_inputs must be 'none', 'root' or 'path', not {self.token_inputs!r}")
+        if self.head_target not in ("hard", "soft"):
+            problems.append(f"head_target must be 'hard' or 'soft', not {self.head_target!r}")
+        if problems:
+            raise ValueError(f"Workbook config {self.name!r}: " + "; ".join(problems) + ".")
 
     def replace(self, **changes) -> "WorkbookConfig":
         return dataclasses.replace(self, **changes)
@@ -121,6 +138,17 @@ PRESETS: dict[str, WorkbookConfig] = {
         bench_max_new_tokens=128,
     ),
 }
+
+
+# The workbook's extension beside Medusa-1 (notebook 02 trains both; notebook 06 races them): heads
+# that see the root and the drafted path, wider blocks, and a vocabulary cut to what the base writes.
+HYDRA = dict(token_inputs="path", block_expansion=4, head_vocab=8192)
+
+# The settings a training run depends on: two runs that differ in any of them get their own folder
+# (train.run_dir), so no run overwrites another's heads.
+RUN_FIELDS = ("base_model", "max_length", "train_records", "seed", "num_heads", "num_layers", "head_output",
+              "token_inputs", "block_expansion", "head_vocab", "head_target", "label_source", "loss_decay", "lr",
+              "train_precision", "warmup_steps", "train_steps", "batch_positions")
 
 
 def get_config(preset: str | None = None, **overrides) -> WorkbookConfig:

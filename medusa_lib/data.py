@@ -40,6 +40,7 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     truncated_at_byte: int | None = None  # where an incomplete final record starts (None: file complete)
     file_bytes: int = 0
+    renamed_ids: int = 0  # records whose id repeated an earlier one's, renamed "<id>#2", "<id>#3", ...
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -48,8 +49,9 @@ class LoadReport:
         cut = (f"file broke off mid-record at byte {self.truncated_at_byte:,} of {self.file_bytes:,}"
                if self.truncated_at_byte is not None else "file complete")
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        renamed = f"; {self.renamed_ids:,} repeated ids renamed" if self.renamed_ids else ""
         return (f"{self.path}: {self.records_read:,} complete records recovered ({cut}); "
-                f"kept {self.kept:,}; skipped {skipped}")
+                f"kept {self.kept:,}; skipped {skipped}{renamed}")
 
 
 def packaged_sharegpt_path() -> Path:
@@ -147,16 +149,23 @@ def load_conversations(path: str | Path | None = None, max_records: int = 0) -> 
     if not path.is_file():
         raise FileNotFoundError(f"Dataset file {path} does not exist: pass a ShareGPT-style JSON or JSONL file.")
     report = LoadReport(path=str(path))
-    conversations = []
+    conversations, seen_ids = [], set()
     try:
         for i, record in enumerate(iter_json_records(path, report)):
             messages, reason = normalise_record(record)
             if reason:
                 report.skip(reason)
                 continue
-            rid = record.get("id") if isinstance(record.get("id"), str) else f"record_{i}"
             if max_records and len(conversations) >= max_records:
                 continue  # keep reading: the recovery report covers the whole file
+            rid = str(record["id"]) if isinstance(record.get("id"), (str, int)) else f"record_{i}"
+            if rid in seen_ids:  # ShareGPT repeats some ids: every conversation keeps an id of its own
+                report.renamed_ids += 1
+                n = 2
+                while f"{rid}#{n}" in seen_ids:
+                    n += 1
+                rid = f"{rid}#{n}"
+            seen_ids.add(rid)
             conversations.append({"id": rid, "messages": messages})
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err}); convert it to UTF-8 JSON.") from None
@@ -263,25 +272,49 @@ def first_prompt(messages: list[dict]) -> list[dict]:
     raise ValueError("conversation has no user turn")
 
 
-def read_jsonl_resumable(path: Path) -> list[dict]:
-    """Complete lines of a JSONL file; a half-written last line (an interrupt) is dropped and
-    the file rewritten without it, so appends after it stay valid."""
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a JSONL file, read only (a read never rewrites a file).
+
+    A last line without its newline that does not parse is a write that was interrupted: it is
+    left out (the append-writer repairs it, see `repair_jsonl_tail`). A damaged line anywhere else
+    is an error naming the file and the line, so nothing after it is silently lost."""
+    path = Path(path)
     if not path.exists():
         return []
     raw = path.read_text(encoding="utf-8")
-    rows, good = [], []
-    for line in raw.split("\n"):  # not splitlines(): JSON strings may hold U+2028
+    lines = raw.split("\n")  # not splitlines(): JSON strings may hold U+2028
+    rows = []
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
-            good.append(line + "\n")
-        except json.JSONDecodeError:
-            break
-    if "".join(good) != raw:
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(good), encoding="utf-8")
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:  # no newline after it: a half-written last row
+                break
+            raise ValueError(f"{path}, line {i + 1}: not valid JSON ({err.msg}). Fix or delete that line; "
+                             f"the rows after it are kept.") from None
     return rows
+
+
+def repair_jsonl_tail(path: Path) -> None:
+    """Before appending: cut a half-written last line (an interrupted append) off the file. Only the
+    bytes after the last newline go, and only when they do not parse."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    raw = path.read_bytes()
+    cut = raw.rfind(b"\n") + 1
+    tail = raw[cut:]
+    if not tail.strip():
+        return
+    try:
+        json.loads(tail)
+        with open(path, "ab") as fh:  # a complete row that only lacks its newline
+            fh.write(b"\n")
+    except json.JSONDecodeError:
+        with open(path, "r+b") as fh:
+            fh.truncate(cut)
 
 
 def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Path,
@@ -295,13 +328,22 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["id"]: row for row in read_jsonl_resumable(out_path)}
+    ids = [c["id"] for c in conversations]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"Conversation id {dup!r} occurs twice: one reply would overwrite the other in {out_path}. "
+                         f"Give every conversation its own id (load_conversations does).")
+    repair_jsonl_tail(out_path)
+    done = {row["id"]: row for row in read_jsonl(out_path)}
+
+    prompt_len: dict[str, int] = {}
 
     def fits(conv) -> bool:
         if not any(m["role"] == "user" for m in conv["messages"]):
             return False
         text = tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens
+        prompt_len[conv["id"]] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return prompt_len[conv["id"]] <= max_prompt_tokens
 
     stale = [c["id"] for c in conversations if c["id"] in done and any(m["role"] == "user" for m in c["messages"])
              and done[c["id"]]["messages"][:-1] != first_prompt(c["messages"])]
@@ -310,7 +352,8 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
             del done[key]
         write_jsonl(out_path, list(done.values()))
     conversations = [c for c in conversations if c["id"] in done or fits(c)]
-    todo = [c for c in conversations if c["id"] not in done]
+    # prompts of similar length share a batch: less left padding for every generated token
+    todo = sorted((c for c in conversations if c["id"] not in done), key=lambda c: prompt_len[c["id"]])
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
     tokenizer.padding_side = "left"
@@ -361,12 +404,25 @@ def read_prepared(data_dir: Path, split: str) -> list[dict]:
     path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run notebook 01 (data prep) first.")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    distilled_path = folder / f"distilled_{split}.jsonl"
-    distilled = read_jsonl_resumable(distilled_path) if distilled_path.is_file() else []
+    rows = read_jsonl(path)
+    distilled = current_distilled(rows, read_jsonl(folder / f"distilled_{split}.jsonl"))
     if split == "eval" and distilled:
         return distilled
     return distilled + rows
+
+
+def current_distilled(split_rows: list[dict], distilled: list[dict]) -> list[dict]:
+    """The distilled rows that belong to this split as it is now: their conversation is in the
+    split and their prompt is that conversation's first prompt. Rows left from another seed, other
+    records or older code stay on disk (reusable) but are never returned."""
+    prompts = {c["id"]: c["messages"] for c in split_rows}
+    keep = []
+    for row in distilled:
+        messages = prompts.get(row["id"])
+        if messages is not None and any(m["role"] == "user" for m in messages) \
+                and row["messages"][:-1] == first_prompt(messages):
+            keep.append(row)
+    return keep
 
 
 def prepare_dataset(cfg, model=None, tokenizer=None) -> dict:

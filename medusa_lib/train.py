@@ -1,11 +1,19 @@
 """Medusa-1 training: heads on a frozen base, from cached hidden states (paper section 2.2.1).
 
-The base is frozen, so its final hidden states and its own next-token choices are computed once,
-stored in fp16 shards (resumable, atomic) and reused by every training run. Loss: sum over heads of
+The base is frozen, so its final hidden states, its own next-token choice and its top few logits
+(the teacher's distribution) are computed once, stored in fp16 shards (resumable, atomic) and reused
+by every training run. Loss: sum over heads of
 decay**k * CE_k; head k at position t learns the token at t+2+k, only where that token is an
 assistant token. Labels are the data's tokens, the base's own argmax ("base"), or that argmax only
 where the data follows the base's own choices ("greedy"); evaluation always scores against the
-base's greedy continuation, which is what decides acceptance.
+base's greedy continuation, which is what decides acceptance. Heads that see tokens (root-aware,
+sequential) are teacher-forced: their path tokens are the cache's tokens, on the base's greedy path
+wherever the `greedy` rule keeps a label.
+
+Each run trains into its own folder (`run_dir`): the preset's own settings into data/<preset>/heads
+(what notebooks 03-06 read), the sequential variant into data/<preset>/hydra, anything else (a
+sweep, the widget in notebook 02) into data/<preset>/runs/<what differs>/, so no run overwrites
+another's finished heads.
 
 Runs under Hugging Face accelerate, on one CPU or many GPUs:
     python -m medusa_lib.train --preset tiny
@@ -17,8 +25,10 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,26 +37,44 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from medusa_lib.config import WorkbookConfig, get_config
+from medusa_lib.config import HYDRA, PRESETS, RUN_FIELDS, WorkbookConfig, get_config
 from medusa_lib.files import atomic_path, fingerprint, read_json, write_json
 from medusa_lib.heads import HeadsConfig, MedusaHeads, save_heads
 
-IGNORE = -100
+IGNORE = -100  # no label here
+MISS = -1  # a label outside the heads' scored vocabulary: counted as wrong, never trained on
 TOPK_ACC = 5
-CSV_FIELDS = ["step", "head", "split", "loss"] + [f"acc@{k}" for k in range(1, TOPK_ACC + 1)]
+TEACHER_TOPK = 8  # base logits kept per position for the soft (teacher) target
+CSV_FIELDS = (["step", "head", "split", "loss"] + [f"acc@{k}" for k in range(1, TOPK_ACC + 1)]
+              + [f"cacc@{k}" for k in range(1, TOPK_ACC + 1)])
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Hidden-state cache
 
+def model_fingerprint(model) -> str:
+    """A hash of the model's config and every weight: another checkpoint of the same architecture
+    gets another cache."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def build_hidden_cache(model, examples: list[dict], cache_root: str | Path, batch_tokens: int,
                        shard_sequences: int = 64, desc: str = "caching hidden states") -> Path:
     """Run the frozen base over `examples` once; store per token: final hidden state (fp16), the
-    base's argmax next token, the input token, the loss mask and the sequence number.
+    base's argmax next token and its top TEACHER_TOPK logits, the input token, the loss mask and the
+    sequence number.
 
     Shards land atomically in cache_root/<fingerprint>/; an interrupted run resumes at the first
-    missing shard, and other data or another model gets its own folder."""
-    key = fingerprint(model.config.to_dict(), [e["input_ids"] for e in examples])
+    missing shard. The fingerprint covers the model's weights, the tokens and the loss mask, so other
+    data, another mask or another model gets its own folder."""
+    key = fingerprint(model_fingerprint(model), [e["input_ids"] for e in examples], [e["loss_mask"] for e in examples],
+                      TEACHER_TOPK)
     folder = Path(cache_root) / key
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -60,7 +88,7 @@ def build_hidden_cache(model, examples: list[dict], cache_root: str | Path, batc
         if path.is_file():
             bar.update(sum(len(e["input_ids"]) for e in shard))
             continue
-        parts = {"hidden": [], "base_next": [], "tokens": [], "loss_mask": [], "seq": []}
+        parts = {"hidden": [], "base_next": [], "top_ids": [], "top_logits": [], "tokens": [], "loss_mask": [], "seq": []}
         order = sorted(range(len(shard)), key=lambda i: len(shard[i]["input_ids"]))
         i = 0
         while i < len(order):  # batches of similar length, at most batch_tokens padded tokens
@@ -77,11 +105,13 @@ def build_hidden_cache(model, examples: list[dict], cache_root: str | Path, batc
             with torch.no_grad():
                 out = model.model(input_ids=ids.to(device), attention_mask=att.to(device))
                 hidden = out.last_hidden_state  # (B, T, C), final norm applied
-                base_next = model.lm_head(hidden).argmax(-1)  # (B, T)
+                top = model.lm_head(hidden).float().topk(TEACHER_TOPK, dim=-1)  # (B, T, R)
             for b, (k, e) in enumerate(zip(order[i:j], batch)):
                 n = len(e["input_ids"])
                 parts["hidden"].append(hidden[b, :n].to(torch.float16).cpu())  # (n, C)
-                parts["base_next"].append(base_next[b, :n].to(torch.int32).cpu())
+                parts["base_next"].append(top.indices[b, :n, 0].to(torch.int32).cpu())  # (n,) the argmax
+                parts["top_ids"].append(top.indices[b, :n].to(torch.int32).cpu())  # (n, R)
+                parts["top_logits"].append(top.values[b, :n].to(torch.float16).cpu())  # (n, R)
                 parts["tokens"].append(torch.tensor(e["input_ids"], dtype=torch.int32))
                 parts["loss_mask"].append(torch.tensor(e["loss_mask"], dtype=torch.uint8))
                 parts["seq"].append(torch.full((n,), s * shard_sequences + k, dtype=torch.int32))
@@ -135,41 +165,114 @@ def head_targets(cache: dict[str, torch.Tensor], num_heads: int, label_source: s
     return positions, labels[positions]  # (P,), (P, K)
 
 
+def path_tokens(cache: dict[str, torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(P,) positions -> (P, K) the tokens x_{t+1} .. x_{t+K} that heads seeing tokens take (head k
+    reads the first k+1). Where head k has a label they are the base's greedy path ("greedy")."""
+    N = cache["tokens"].shape[0]
+    index = (positions[:, None] + 1 + torch.arange(num_heads)).clamp(max=N - 1)  # (P, K)
+    return cache["tokens"][index].long()  # (P, K); past a sequence's end only where no label reads them
+
+
+def frequent_vocab(cache: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    """The `size` token ids the base itself writes most often in the cache's assistant text (ties to
+    the lower id): the vocabulary that restricted heads score (FR-Spec / VocabTrim)."""
+    mine = cache["base_next"][:-1][cache["loss_mask"][1:] > 0].long()  # the base's choice for assistant tokens
+    counts = torch.bincount(mine, minlength=size)
+    order = torch.argsort(-counts.double() + torch.arange(len(counts)) / (2.0 * len(counts)))  # stable by id
+    return order[:size].sort().values  # (size,)
+
+
+@dataclass
+class Targets:
+    """Everything one split offers the heads, per labelled position t (P of them)."""
+    rows: torch.Tensor  # (P,) cache rows t
+    labels: torch.Tensor  # (P, K) in the heads' scored vocabulary; IGNORE, or MISS where not scored
+    path: torch.Tensor  # (P, K) token ids x_{t+1} .. x_{t+K}
+    soft_ids: torch.Tensor  # (P, K, R) the teacher's top-R tokens for head k (scored-vocabulary index or MISS)
+    soft_logits: torch.Tensor  # (P, K, R) their base logits
+
+    def take(self, index: torch.Tensor) -> "Targets":
+        return Targets(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def make_targets(cache: dict[str, torch.Tensor], num_heads: int, label_source: str,
+                 vocab_ids: torch.Tensor | None = None) -> Targets:
+    """Labels, path tokens and teacher targets of a split, in the heads' scored vocabulary."""
+    rows, labels = head_targets(cache, num_heads, label_source)
+    V = int(max(cache["top_ids"].max(), cache["tokens"].max())) + 1
+    to_scored = torch.arange(V)  # token id -> index among the scored tokens, or MISS
+    if vocab_ids is not None:
+        to_scored = torch.full((max(V, int(vocab_ids.max()) + 1),), MISS, dtype=torch.long)
+        to_scored[vocab_ids] = torch.arange(len(vocab_ids))
+    scored = torch.where(labels == IGNORE, IGNORE, to_scored[labels.clamp(min=0)])  # (P, K)
+    teacher_rows = (rows[:, None] + 1 + torch.arange(num_heads)).clamp(max=cache["tokens"].shape[0] - 1)  # (P, K)
+    soft_ids = to_scored[cache["top_ids"][teacher_rows].long()]  # (P, K, R)
+    soft_logits = cache["top_logits"][teacher_rows].float()  # (P, K, R)
+    return Targets(rows, scored, path_tokens(cache, rows, num_heads), soft_ids, soft_logits)
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Loss and metrics
 
-def medusa_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, K, V), labels (B, K) -> (weighted total, per-head CE (K,))."""
+def medusa_loss(logits: torch.Tensor, labels: torch.Tensor, decay: float, soft: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, K, M), labels (B, K) -> (weighted total, per-head loss (K,)), sum_k decay**k * loss_k.
+
+    Hard target: cross-entropy against the label. Soft target (Hydra's teacher loss), `soft` =
+    (ids (B, K, R), logits (B, K, R)): cross-entropy against the base's own distribution over its
+    top-R tokens, at the positions that have a label."""
     K = logits.shape[1]
-    per_head = torch.stack([
-        F.cross_entropy(logits[:, k].float(), labels[:, k], ignore_index=IGNORE) if (labels[:, k] != IGNORE).any()
-        else logits.new_zeros(()) for k in range(K)
-    ])  # (K,)
+    trainable = labels >= 0  # not IGNORE, not MISS
+    logp = logits.float().log_softmax(-1)  # (B, K, M)
+    if soft is None:
+        nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, K)
+    else:
+        ids, teacher = soft
+        kept = ids >= 0  # (B, K, R)
+        q = torch.where(kept, teacher, float("-inf")).softmax(-1).nan_to_num(0.0)  # (B, K, R), over the scored ones
+        nll = -(q * logp.gather(-1, ids.clamp(min=0))).sum(-1)  # (B, K)
+    count = trainable.sum(0)  # (K,)
+    per_head = (nll * trainable).sum(0) / count.clamp(min=1)  # (K,)
     weights = torch.tensor([decay ** k for k in range(K)], device=logits.device)
     return (weights * per_head).sum(), per_head
 
 
 @torch.no_grad()
-def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor,
-                   chunk: int = 512) -> list[dict]:
-    """Per head: CE loss and top-1..5 accuracy over positions where the head has a label."""
-    K = labels.shape[1]
-    loss_sum = torch.zeros(K); hits = torch.zeros(K, TOPK_ACC); count = torch.zeros(K)
+def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tensor, targets: "Targets",
+                   embed: torch.Tensor | None = None, chunk: int = 512) -> list[dict]:
+    """Per head: CE loss and top-1..5 accuracy over the positions where the head has a label
+    (`acc@r`), and the same among the positions where every earlier head ranked its label within
+    its top 5 (`cacc@r`): head k's accuracy given that the tree can hold the right path before it,
+    which is what a tree built from these numbers needs. Labels outside the scored vocabulary
+    count as misses."""
+    K = targets.labels.shape[1]
+    loss_sum, lcount, count = torch.zeros(K), torch.zeros(K), torch.zeros(K)
+    hits, chits, ccount = torch.zeros(K, TOPK_ACC), torch.zeros(K, TOPK_ACC), torch.zeros(K)
     device = lm_head.device
     for i in range(0, hidden.shape[0], chunk):
         h = hidden[i: i + chunk].to(device=device, dtype=lm_head.dtype)  # (b, C)
-        y = labels[i: i + chunk].to(device)  # (b, K)
-        logits = heads(h, lm_head).float()  # (b, K, V)
+        y = targets.labels[i: i + chunk].to(device)  # (b, K)
+        embeds = embed[targets.path[i: i + chunk].to(device)] if embed is not None else None  # (b, K, C)
+        logits = heads(h, lm_head, embeds).float()  # (b, K, M)
         valid = y != IGNORE  # (b, K)
         ce = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")  # (b, K)
-        loss_sum += (ce * valid).sum(0).cpu()
+        trainable = y >= 0
+        loss_sum += (ce * trainable).sum(0).cpu()
         top = logits.topk(TOPK_ACC, dim=-1).indices  # (b, K, 5)
-        match = (top == y.unsqueeze(-1)).cumsum(-1).clamp(max=1) & valid.unsqueeze(-1)  # (b, K, 5)
-        hits += match.sum(0).cpu()
+        match = ((top == y.unsqueeze(-1)).cumsum(-1).clamp(max=1) & valid.unsqueeze(-1)).cpu()  # (b, K, 5)
+        hits += match.sum(0)
         count += valid.sum(0).cpu()
-    count = count.clamp(min=1)
-    return [{"head": k, "loss": float(loss_sum[k] / count[k]),
-             **{f"acc@{j + 1}": float(hits[k, j] / count[k]) for j in range(TOPK_ACC)}} for k in range(K)]
+        lcount += trainable.sum(0).cpu()
+        reachable = torch.ones(match.shape[0], dtype=torch.bool)  # the earlier heads ranked their label in the top 5
+        for k in range(K):
+            sel = reachable & valid[:, k].cpu()
+            chits[k] += match[sel, k].sum(0)
+            ccount[k] += sel.sum()
+            reachable &= match[:, k, -1].bool()
+    count, ccount, lcount = count.clamp(min=1), ccount.clamp(min=1), lcount.clamp(min=1)
+    return [{"head": k, "loss": float(loss_sum[k] / lcount[k]),
+             **{f"acc@{j + 1}": float(hits[k, j] / count[k]) for j in range(TOPK_ACC)},
+             **{f"cacc@{j + 1}": float(chits[k, j] / ccount[k]) for j in range(TOPK_ACC)}} for k in range(K)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,53 +306,79 @@ def _write_log(path: Path, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
+class RunFolderTaken(ValueError):
+    """The output folder holds a run with other settings."""
+
+
+def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, scheduler, generator) -> tuple[int, list]:
+    """Resume from out_dir's last checkpoint when it is this run's; refuse a folder that holds
+    another run's heads (they are never overwritten), unless `resume` is False (start afresh)."""
+    if not state_path.is_file():
+        return 0, []
+    state = torch.load(state_path, weights_only=False)
+    if state["run_key"] != run_key:
+        if resume:
+            raise RunFolderTaken(f"{state_path.parent} holds heads trained with other settings: they are kept. Train "
+                                 f"into another folder (out_dir / --out; run_dir(cfg) names one per setting), or "
+                                 f"pass resume=False / --fresh to replace them.")
+        return 0, []
+    if not resume:
+        return 0, []
+    heads.load_state_dict(state["heads"]); optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"]); generator.set_state(state["generator"])
+    print(f"resuming from step {state['step']} ({state_path})")
+    return state["step"], [r for r in state["log"] if int(r["step"]) <= state["step"]]
+
+
 def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, eval_cache: dict, out_dir: str | Path,
-                heads_config: HeadsConfig, resume: bool = True, on_eval=None) -> dict:
+                heads_config: HeadsConfig, resume: bool = True, on_eval=None, embed: torch.Tensor | None = None,
+                progress: bool = True) -> dict:
     """Train heads; every cfg.eval_every steps evaluate, append to out_dir/log.csv, checkpoint.
 
     An interrupted run (Ctrl-C, a killed kernel) restarts from its last checkpoint when called again
-    with the same settings. `on_eval(rows)` is called after each evaluation (live plots).
+    with the same settings; a folder holding another run's heads is refused (see _restore).
+    `embed` (V, C) is the base's input embedding table, needed by heads that see tokens.
+    `on_eval(rows)` is called after each evaluation (live plots).
     Returns {"heads": MedusaHeads, "log": [rows], "seconds": float, "resumed_from": int}."""
     out_dir = Path(out_dir)
     use_cuda = torch.cuda.is_available() and lm_head.is_cuda
-    acc = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
+    K = heads_config.num_heads
     run_key = fingerprint(dataclasses.asdict(heads_config), cfg.lr, cfg.train_steps, cfg.batch_positions,
-                          cfg.loss_decay, cfg.label_source, cfg.seed, cfg.warmup_steps, acc.mixed_precision)
+                          cfg.loss_decay, cfg.label_source, cfg.head_target, cfg.seed, cfg.warmup_steps,
+                          accelerator.mixed_precision)
+    if heads_config.token_inputs != "none" and embed is None:
+        raise ValueError(f"token_inputs={heads_config.token_inputs!r} needs the base's input embedding table (embed).")
+
+    # 3a. the heads, the optimiser and what the run had done so far
+    vocab_ids = frequent_vocab(train_cache, heads_config.head_vocab) if heads_config.head_vocab else None
     torch.manual_seed(cfg.seed)
-    heads = MedusaHeads(heads_config, base_lm_head=lm_head.float().cpu())
+    heads = MedusaHeads(heads_config, base_lm_head=lm_head.float().cpu(), vocab_ids=vocab_ids)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
-    generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
-    state_path = out_dir / "training_state.pt"
-    log_path = out_dir / "log.csv"
-    start, rows = 0, []
-    if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["run_key"] == run_key:
-            heads.load_state_dict(state["heads"]); optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"]); generator.set_state(state["generator"])
-            start, rows = state["step"], [r for r in state["log"] if int(r["step"]) <= state["step"]]
-            acc.print(f"resuming from step {start} ({state_path})")
-        else:
-            acc.print(f"{state_path} belongs to other settings: starting afresh")
-    heads, optimizer = acc.prepare(heads, optimizer)
-    lm_head = lm_head.to(acc.device)  # fp32 for evaluation
-    train_lm_head = lm_head.to(torch.bfloat16) if acc.mixed_precision == "bf16" else lm_head  # cast once, not per step
+    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    state_path, log_path = out_dir / "training_state.pt", out_dir / "log.csv"
+    start, rows = _restore(state_path, run_key, resume, heads, optimizer, scheduler, generator)
+    heads, optimizer = accelerator.prepare(heads, optimizer)
+    lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
+    bf16 = accelerator.mixed_precision == "bf16"
+    train_lm_head = lm_head.to(torch.bfloat16) if bf16 else lm_head  # cast once, not per step
+    embed = embed.to(accelerator.device) if embed is not None else None
 
-    train_pos, train_labels = head_targets(train_cache, heads_config.num_heads, cfg.label_source)
-    eval_pos, eval_labels = head_targets(eval_cache, heads_config.num_heads, "greedy")  # what acceptance checks
-    if len(train_pos) == 0 or len(eval_pos) == 0:
+    # 3b. the data: every labelled training position, a fixed sample of eval positions
+    scored_ids = vocab_ids
+    train = make_targets(train_cache, K, cfg.label_source, scored_ids)
+    evals = make_targets(eval_cache, K, "greedy", scored_ids)  # what acceptance checks
+    if len(train.rows) == 0 or len(evals.rows) == 0:
         raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
-    pick = torch.randperm(len(eval_pos), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions]
-    eval_hidden, eval_labels = eval_cache["hidden"][eval_pos[pick]], eval_labels[pick]
-    train_hidden = train_cache["hidden"]
-
+    evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
+    eval_hidden, train_hidden = eval_cache["hidden"][evals.rows], train_cache["hidden"]
     sampler_state = generator.get_state()  # as of the last completed step
 
     def checkpoint(step: int) -> None:
-        unwrapped = acc.unwrap_model(heads)
-        if acc.is_main_process:
-            save_heads(unwrapped, out_dir, {"step": step, "label_source": cfg.label_source})
+        unwrapped = accelerator.unwrap_model(heads)
+        if accelerator.is_main_process:
+            save_heads(unwrapped, out_dir, {"step": step, "label_source": cfg.label_source, "head_target": cfg.head_target})
             _write_log(log_path, [r for r in rows if int(r["step"]) <= step])
             with atomic_path(state_path) as tmp:
                 torch.save({"run_key": run_key, "step": step, "heads": unwrapped.state_dict(),
@@ -258,33 +387,36 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
 
     def run_eval(step: int, train_stats: torch.Tensor) -> None:
         heads.eval()
-        metrics = evaluate_heads(acc.unwrap_model(heads), lm_head, eval_hidden, eval_labels)
+        metrics = evaluate_heads(accelerator.unwrap_model(heads), lm_head, eval_hidden, evals, embed)
         heads.train()
+        blank = {f"{a}@{j}": "" for a in ("acc", "cacc") for j in range(1, TOPK_ACC + 1)}
         for m in metrics:
             rows.append({"step": step, "split": "eval", **m})
-            rows.append({"step": step, "head": m["head"], "split": "train", "loss": float(train_stats[m["head"]]),
-                         **{f"acc@{j}": "" for j in range(1, TOPK_ACC + 1)}})
-        if on_eval is not None and acc.is_main_process:
+            rows.append({"step": step, "head": m["head"], "split": "train", "loss": float(train_stats[m["head"]]), **blank})
+        if on_eval is not None and accelerator.is_main_process:
             on_eval(rows)
 
+    # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
     t0 = time.time()
-    running = torch.zeros(heads_config.num_heads)
-    n_running = 0
+    running, n_running = torch.zeros(K), 0
     if start == 0:
-        run_eval(0, torch.full((heads_config.num_heads,), float("nan")))
+        run_eval(0, torch.full((K,), float("nan")))
     heads.train()
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="training heads",
-               disable=not acc.is_main_process)
+               disable=not (progress and accelerator.is_main_process))
     done = start  # optimisation steps completed
     try:
         for step in bar:
-            idx = torch.randint(len(train_pos), (cfg.batch_positions,), generator=generator)  # (B,)
-            h = train_hidden[train_pos[idx]].to(device=acc.device, dtype=lm_head.dtype)  # (B, C)
-            y = train_labels[idx].to(acc.device)  # (B, K)
-            with acc.autocast():
-                logits = heads(h, train_lm_head)  # (B, K, V)
-                loss, per_head = medusa_loss(logits, y, cfg.loss_decay)
-            acc.backward(loss)
+            idx = torch.randint(len(train.rows), (cfg.batch_positions,), generator=generator)  # (B,)
+            batch = train.take(idx)
+            h = train_hidden[batch.rows].to(device=accelerator.device, dtype=lm_head.dtype)  # (B, C)
+            embeds = embed[batch.path.to(accelerator.device)] if embed is not None else None  # (B, K, C)
+            soft = ((batch.soft_ids.to(accelerator.device), batch.soft_logits.to(accelerator.device))
+                    if cfg.head_target == "soft" else None)
+            with accelerator.autocast():
+                logits = heads(h, train_lm_head, embeds)  # (B, K, M)
+                loss, per_head = medusa_loss(logits, batch.labels.to(accelerator.device), cfg.loss_decay, soft)
+            accelerator.backward(loss)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
             done, sampler_state = step + 1, generator.get_state()
             running += per_head.detach().float().cpu(); n_running += 1
@@ -300,7 +432,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         bar.close()
     if start >= cfg.train_steps:
         _write_log(log_path, rows)
-    return {"heads": acc.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start}
+    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,28 +448,55 @@ def training_examples(cfg: WorkbookConfig, tokenizer, split: str) -> list[dict]:
     return examples
 
 
+def run_dir(cfg: WorkbookConfig) -> Path:
+    """The folder a training run with cfg's settings writes: data/<preset>/heads for the preset's own
+    settings, data/<preset>/hydra for the preset with the sequential heads (HYDRA), otherwise
+    data/<preset>/runs/<the settings that differ>, e.g. runs/num_heads-3_train_steps-200."""
+    preset = PRESETS.get(cfg.name, cfg)
+    for name, changes in (("heads", {}), ("hydra", HYDRA)):
+        reference = preset.replace(**changes)
+        if all(getattr(cfg, f) == getattr(reference, f) for f in RUN_FIELDS):
+            return cfg.data_dir / name
+    differs = [f"{f}-{getattr(cfg, f)}" for f in RUN_FIELDS if getattr(cfg, f) != getattr(preset, f)]
+    slug = "_".join(differs).replace("/", "-")
+    return cfg.data_dir / "runs" / (slug if len(slug) <= 120 else fingerprint(differs))
+
+
 def heads_dir(cfg: WorkbookConfig) -> Path:
+    """The preset's main run (Medusa-1 heads), which notebooks 03-06 read."""
     return cfg.data_dir / "heads"
 
 
-def run_training(cfg: WorkbookConfig, model=None, tokenizer=None, on_eval=None, resume: bool = True) -> dict:
-    """Cache hidden states (once) and train heads for `cfg`; the heads land in data/heads/."""
-    from medusa_lib.base import load_base
-
-    if model is None:
-        model, tokenizer = load_base(cfg.base_model, cfg.device, cfg.dtype)
+def load_caches(cfg: WorkbookConfig, model, tokenizer) -> dict[str, dict]:
+    """The hidden-state caches of both splits (built once, then read)."""
     caches = {}
     for split in ("train", "eval"):
         examples = training_examples(cfg, tokenizer, split)
         folder = build_hidden_cache(model, examples, cfg.data_dir / "hidden_cache", cfg.cache_batch_tokens,
                                     desc=f"caching {split} hidden states")
         caches[split] = load_hidden_cache(folder)
+    return caches
+
+
+def run_training(cfg: WorkbookConfig, model=None, tokenizer=None, on_eval=None, resume: bool = True,
+                 out_dir: str | Path | None = None, caches: dict | None = None, progress: bool = True) -> dict:
+    """Cache hidden states (once) and train heads for `cfg` into `out_dir` (default: run_dir(cfg))."""
+    from medusa_lib.base import load_base
+
+    if model is None:
+        model, tokenizer = load_base(cfg.base_model, cfg.device, cfg.dtype)
+    caches = caches or load_caches(cfg, model, tokenizer)
     heads_config = HeadsConfig.for_base(model, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                        head_output=cfg.head_output, base_model=cfg.base_model,
+                                        head_output=cfg.head_output, token_inputs=cfg.token_inputs,
+                                        block_expansion=cfg.block_expansion, head_vocab=cfg.head_vocab,
+                                        base_model=cfg.base_model,
                                         data_fingerprint=fingerprint(caches["train"]["tokens"].tolist()[:4096]))
     lm_head = model.get_output_embeddings().weight.detach()
-    return train_heads(cfg, lm_head, caches["train"], caches["eval"], heads_dir(cfg), heads_config,
-                       resume=resume, on_eval=on_eval)
+    embed = model.get_input_embeddings().weight.detach() if cfg.token_inputs != "none" else None
+    out = Path(out_dir) if out_dir is not None else run_dir(cfg)
+    result = train_heads(cfg, lm_head, caches["train"], caches["eval"], out, heads_config,
+                         resume=resume, on_eval=on_eval, embed=embed, progress=progress)
+    return {**result, "out_dir": out}
 
 
 def train_job(cfg: WorkbookConfig) -> None:
@@ -350,18 +509,24 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default=None, help="tiny or full (default: $WORKBOOK_PRESET or full)")
     parser.add_argument("--num-heads", type=int); parser.add_argument("--num-layers", type=int)
     parser.add_argument("--head-output", choices=["shared", "own"]); parser.add_argument("--lr", type=float)
+    parser.add_argument("--token-inputs", choices=["none", "root", "path"])
+    parser.add_argument("--block-expansion", type=int); parser.add_argument("--head-vocab", type=int)
+    parser.add_argument("--head-target", choices=["hard", "soft"])
     parser.add_argument("--label-source", choices=["greedy", "base", "data"])
     parser.add_argument("--train-precision", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--train-steps", type=int); parser.add_argument("--base-model")
-    parser.add_argument("--fresh", action="store_true", help="ignore an earlier checkpoint")
+    parser.add_argument("--hydra", action="store_true", help="the sequential heads of the preset (config.HYDRA)")
+    parser.add_argument("--out", help="output folder (default: one per setting, see run_dir)")
+    parser.add_argument("--fresh", action="store_true", help="start afresh, replacing the heads in the output folder")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "fresh")}
-    cfg = get_config(args.preset, **overrides)
-    result = run_training(cfg, resume=not args.fresh)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "fresh", "out", "hydra")}
+    cfg = get_config(args.preset, **({**HYDRA, **overrides} if args.hydra else overrides))
+    result = run_training(cfg, resume=not args.fresh, out_dir=args.out)
     for row in result["log"][-2 * cfg.num_heads:]:
         if row["split"] == "eval":
-            print(f"head {row['head']}: loss {row['loss']:.3f} top-1 {row['acc@1']:.3f} top-5 {row['acc@5']:.3f}")
-    print(f"trained in {result['seconds']:.0f} s; heads in {heads_dir(cfg)}")
+            print(f"head {row['head']}: loss {row['loss']:.3f} top-1 {row['acc@1']:.3f} top-5 {row['acc@5']:.3f} "
+                  f"top-1 given a right path {row['cacc@1']:.3f}")
+    print(f"trained in {result['seconds']:.0f} s; heads in {result['out_dir']}")
 
 
 if __name__ == "__main__":

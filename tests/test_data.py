@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from medusa_lib.data import (first_prompt, load_conversations, normalise_record, read_jsonl_resumable, self_distill,
-                             split_conversations, tokenize_conversation)
+from medusa_lib.data import (first_prompt, load_conversations, normalise_record, read_jsonl, read_prepared,
+                             repair_jsonl_tail, self_distill, split_conversations, tokenize_conversation, write_jsonl)
 
 RECORDS = [
     {"id": "a", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello! How can I help?"}]},
@@ -147,15 +147,63 @@ def test_self_distillation_redoes_rows_written_for_another_prompt(tmp_path, toke
     rows = self_distill(model, tokenizer, convs, out, max_new_tokens=4, batch_size=2)
     assert [r["messages"][:-1] for r in rows] == [[convs[0]["messages"][1]], [convs[1]["messages"][0]]]
     assert all(r["complete"] in (True, False) for r in rows)
-    assert [r["id"] for r in read_jsonl_resumable(out)] == ["x", "y"]  # the stale row is gone from the file
+    assert [r["id"] for r in read_jsonl(out)] == ["x", "y"]  # the stale row is gone from the file
     assert self_distill(model, tokenizer, convs, out, max_new_tokens=4, batch_size=2) == rows  # resumes, redoes nothing
 
 
-def test_interrupted_jsonl_drops_the_half_line(tmp_path):
+def test_interrupted_jsonl_half_line_is_skipped_by_readers_and_cut_only_by_the_appender(tmp_path):
     path = tmp_path / "distilled.jsonl"
-    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess')
-    assert [r["id"] for r in read_jsonl_resumable(path)] == ["a", "b"]
+    text = '{"id": "a"}\n{"id": "b"}\n{"id": "c", "mess'
+    path.write_text(text)
+    assert [r["id"] for r in read_jsonl(path)] == ["a", "b"]
+    assert path.read_text() == text  # a read never rewrites the file
+    repair_jsonl_tail(path)
     assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+
+def test_a_damaged_line_in_the_middle_is_an_error_and_loses_nothing(tmp_path):
+    path = tmp_path / "distilled.jsonl"
+    text = '{"id": "a"}\n{"id": "b", oops\n{"id": "c"}\n{"id": "d"}\n'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"distilled.jsonl, line 2: not valid JSON.*rows after it are kept"):
+        read_jsonl(path)
+    repair_jsonl_tail(path)  # the appender only ever touches a half-written last line
+    assert path.read_text() == text
+
+
+def _prepared(tmp_path, train, eval_, distilled_train):
+    folder = tmp_path / "prepared"
+    write_jsonl(folder / "train.jsonl", train)
+    write_jsonl(folder / "eval.jsonl", eval_)
+    write_jsonl(folder / "distilled_train.jsonl", distilled_train)
+    return tmp_path
+
+
+def _conv(cid, question, answer="A"):
+    return {"id": cid, "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_distilled_rows_of_another_split_are_never_returned(tmp_path):
+    # the distilled file was written when "q" was a training conversation; another seed moved it to eval
+    stale = {"id": "q", "messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "base"}]}
+    edited = {"id": "p", "messages": [{"role": "user", "content": "old prompt"}, {"role": "assistant", "content": "base"}]}
+    kept = {"id": "r", "messages": [{"role": "user", "content": "R?"}, {"role": "assistant", "content": "base"}]}
+    data = _prepared(tmp_path, [_conv("r", "R?"), _conv("p", "new prompt")], [_conv("q", "Q?")], [stale, edited, kept])
+    train = read_prepared(data, "train")
+    assert [c["id"] for c in train] == ["r", "r", "p"]  # the distilled "r", then the data's own
+    assert train[0]["messages"][-1]["content"] == "base"
+    assert [c["id"] for c in read_prepared(data, "eval")] == ["q"]  # the eval conversation, not the stale row
+    assert len(read_jsonl(data / "prepared" / "distilled_train.jsonl")) == 3  # kept on disk for reuse
+
+
+def test_repeated_ids_get_their_own_and_distillation_refuses_duplicates(tmp_path, tokenizer):
+    path = tmp_path / "dup.json"
+    recs = [RECORDS[0], {**RECORDS[1], "id": "a"}, {**RECORDS[3], "id": "a"}]
+    path.write_text(json.dumps(recs))
+    convs, report = load_conversations(path)
+    assert [c["id"] for c in convs] == ["a", "a#2", "a#3"] and report.renamed_ids == 2
+    with pytest.raises(ValueError, match="id 'x' occurs twice"):
+        self_distill(None, tokenizer, [_conv("x", "1"), _conv("x", "2")], tmp_path / "d.jsonl", 4, 2)
 
 
 def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
