@@ -16,6 +16,8 @@ With no tree (or no heads) the same loop is plain greedy decoding, one token per
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,18 +26,19 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from medusa_lib.export import BASE_FILE, HEADS_FILE, INFO_FILE, MASKED, causal_bias, io_names
-from medusa_lib.files import read_json
+from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, causal_bias, io_names, read_export_info
 from medusa_lib.tree import PAD, TreeBuffers
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
+ENTROPY_EPS = 1e-5  # entropy = -sum p log(p + 1e-5), as upstream Medusa computes it
 
 
 @dataclass
 class OrtRuntime:
     base: ort.InferenceSession
-    heads: ort.InferenceSession | None
+    heads: list[ort.InferenceSession]  # [] (plain decoding), [all heads], or one per head (sequential heads)
+    embed: np.ndarray | None  # (V, C) the base's input embeddings, for heads that see tokens
     info: dict
     device: torch.device
     capacity: int
@@ -87,10 +90,23 @@ def execution_providers(provider: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _session(path: Path, options, providers) -> ort.InferenceSession:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: re-export (notebook 04, or --heads DIR exports a checkpoint).")
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # ORT raises its own exception types for a damaged protobuf
+        raise ValueError(f"{path} cannot be loaded by ONNX Runtime ({str(err).splitlines()[0][:200]}): the file is "
+                         f"damaged or truncated; re-export (notebook 04).") from None
+
+
 def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
                  max_nodes: int = 128, with_heads: bool = True, spin: bool = False) -> OrtRuntime:
     export_dir = Path(export_dir)
-    info = read_json(export_dir / INFO_FILE)
+    if capacity < 1 or max_nodes < 1 or threads < 0:
+        raise ValueError(f"load_runtime needs capacity >= 1, max_nodes >= 1 and threads >= 0 "
+                         f"(got {capacity}, {max_nodes}, {threads}).")
+    info = read_export_info(export_dir)
     providers = execution_providers(provider)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -98,21 +114,40 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     # ORT's workers otherwise spin after each run and starve the loop's own small steps (accept,
     # compact) of the few CPU cores: measured on 2 cores, a Medusa step went from ~215 to ~120 ms.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    base = ort.InferenceSession(str(export_dir / BASE_FILE), options, providers=providers)
-    heads = None
-    if with_heads and (export_dir / HEADS_FILE).is_file():
-        heads = ort.InferenceSession(str(export_dir / HEADS_FILE), options, providers=providers)
+    base = _session(export_dir / BASE_FILE, options, providers)
+    heads, embed = [], None
+    if with_heads:
+        heads = [_session(export_dir / name, options, providers) for name in info["files"].get("heads", [])]
+        if heads and info.get("token_inputs", "none") != "none":
+            embed = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, C), read only where a step looks
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
     dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
     L, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
     names_in, names_out = io_names(L)
     return OrtRuntime(
-        base=base, heads=heads, info=info, device=device, capacity=capacity,
+        base=base, heads=heads, embed=embed, info=info, device=device, capacity=capacity,
         cache=torch.zeros(2 * L, 1, capacity, Hkv, D, dtype=dtype, device=device),
         logits_buf=torch.zeros(1, max_nodes, info["vocab_size"], dtype=dtype, device=device),
         hidden_buf=torch.zeros(1, max_nodes, info["hidden_size"], dtype=dtype, device=device),
         np_dtype=np.float16 if dtype == torch.float16 else np.float32, names_in=names_in, names_out=names_out,
     )
+
+
+def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
+    """The same base session and KV cache with the heads of another export of the same base (so two
+    kinds of heads can be raced without loading the base twice)."""
+    info = read_export_info(export_dir)
+    for key in ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "dtype"):
+        if info[key] != rt.info[key]:
+            raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    providers = rt.base.get_providers()
+    heads = [_session(Path(export_dir) / name, options, providers) for name in info["files"].get("heads", [])]
+    embed = np.load(Path(export_dir) / EMBED_FILE, mmap_mode="r") if info.get("token_inputs", "none") != "none" else None
+    return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (
+        "files", "topk", "num_heads", "token_inputs", "head_vocab", "int8_heads") if k in info}})
 
 
 def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, n: int,
@@ -147,9 +182,13 @@ def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.nd
             torch.from_numpy(hidden.numpy()[0]).to(rt.device))  # (T, V), (T, C)
 
 
-def run_heads(rt: OrtRuntime, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """hidden (C,) -> each head's top-k ids and probabilities, (K, topk) each."""
-    ids, probs = rt.heads.run(None, {"hidden_states": hidden.reshape(1, -1).cpu().numpy()})
+def run_heads(rt: OrtRuntime, hidden: torch.Tensor, root: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """hidden (C,) [and the root, for root-aware heads] -> each head's top-k ids and probabilities,
+    (K, topk) each (heads in one graph: Medusa-1 and root-aware)."""
+    feeds = {"hidden_states": hidden.reshape(1, -1).cpu().numpy()}
+    if rt.embed is not None:
+        feeds["token_embeddings"] = np.asarray(rt.embed[[root]])[None]  # (1, 1, C)
+    ids, probs = rt.heads[0].run(None, feeds)
     return ids[0], probs[0]  # (K, topk), (K, topk)
 
 
@@ -172,10 +211,30 @@ def prefill(rt: OrtRuntime, prompt: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
 
 def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) -> np.ndarray:
-    """2. Tree tokens (N,): the root, then each node's candidate taken from its head's top-k."""
-    ids, _ = run_heads(rt, hidden)  # (K, topk)
-    candidates = np.concatenate([[root], ids[:, : tree.topk].reshape(-1)])  # (1 + K*topk,)
+    """2. Tree tokens (N,): the root, then each node's candidate from its head's top-k.
+
+    Medusa-1 and root-aware heads: one call gives every head's top-k; a node takes rank p[-1] of
+    head len(p)-1 (the candidate vector of DESIGN_NOTES.md). Sequential heads: depth by depth, one
+    call per depth batched over that depth's parents; a node takes rank p[-1] of its head given its
+    own parent path."""
+    if rt.info.get("token_inputs") == "path":
+        return propose_sequential(rt, root, hidden, tree)
+    ids, _ = run_heads(rt, hidden, root)  # (K, topk)
+    candidates = np.concatenate([[root], ids.reshape(-1)])  # (1 + K*topk,)
     return candidates[tree.tree_indices]  # (N,)
+
+
+def propose_sequential(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) -> np.ndarray:
+    """2, for sequential heads: head d reads the root and the path of each parent at depth d."""
+    tokens = np.empty(tree.size, dtype=np.int64)
+    tokens[0] = root
+    h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
+    for d, level in enumerate(tree.levels):  # the nodes at depth d+1
+        path = tokens[tree.ancestors[level.parents, : d + 1]]  # (B, d+1) root .. parent
+        ids, _ = rt.heads[d].run(None, {"hidden_states": np.repeat(h, len(level.parents), axis=0),
+                                        "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)})
+        tokens[level.children] = ids[level.slot, level.rank]  # (n_d,) from (B, topk)
+    return tokens
 
 
 def verify(rt: OrtRuntime, tree_tokens: np.ndarray, tree: TreeBuffers, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +252,8 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
 
     Greedy (temperature 0): candidate j+1 of a row is accepted when it equals the base's argmax at
     node j. Typical (temperature > 0): when its probability under the base at node j exceeds
-    min(eps, alpha * exp(-entropy)). The next root is the argmax (or a sample) at the last accepted node."""
+    min(eps, alpha * exp(-entropy)), the entropy computed as upstream Medusa does,
+    -sum p log(p + 1e-5). The next root is the argmax (or a sample) at the last accepted node."""
     retrieve = tree.retrieve_indices  # (R, D+1)
     child = retrieve[:, 1:]  # (R, D)
     valid = child != PAD  # (R, D)
@@ -207,7 +267,7 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
         L = int(accept_len[row])
         return row, L, int(argmax[retrieve[row, L]])
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (N, V)
-    entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).cpu().numpy()  # (N,)
+    entropy = -(probs * torch.log(probs + ENTROPY_EPS)).sum(-1).cpu().numpy()  # (N,), upstream's form
     p_cand = probs[torch.from_numpy(parent).to(probs.device), torch.from_numpy(cand).to(probs.device)].cpu().numpy()  # (R, D)
     threshold = np.minimum(TYPICAL_EPS, TYPICAL_ALPHA * np.exp(-entropy[parent]))  # (R, D)
     ok = (p_cand > threshold) & valid
@@ -231,14 +291,46 @@ def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The loop
 
+def check_request(rt: OrtRuntime, prompt: np.ndarray, max_new_tokens: int, temperature: float) -> None:
+    """Clear errors for requests the loop cannot serve (instead of a wrong answer or a traceback)."""
+    V = rt.info["vocab_size"]
+    if prompt.size == 0:
+        raise ValueError("The prompt is empty: give at least one token (the chat template adds some to any text).")
+    if prompt.min() < 0 or prompt.max() >= V:
+        bad = int(prompt[(prompt < 0) | (prompt >= V)][0])
+        raise ValueError(f"Token id {bad} in the prompt is outside the vocabulary (0..{V - 1}): was it made by another tokenizer?")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a whole number >= 0 (0 makes none), not {max_new_tokens!r}.")
+    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temperature!r}.")
+
+
+def check_tree(rt: OrtRuntime, tree: TreeBuffers) -> None:
+    """A tree must fit the exported heads: there must be heads, and its topk and depth must match."""
+    info = rt.info
+    if not rt.heads:
+        raise ValueError(f"A {tree.size}-node tree was given but this runtime has no heads (heads graph missing from "
+                         f"the export, or loaded with with_heads=False): export heads (notebook 04) or decode plainly "
+                         f"with tree=None.")
+    if tree.topk != info["topk"]:
+        raise ValueError(f"The tree was built for topk={tree.topk} but the heads were exported with topk={info['topk']}: "
+                         f"rebuild the tree with topk={info['topk']} (notebook 03) or re-export with topk={tree.topk}.")
+    if tree.depth > info["num_heads"]:
+        raise ValueError(f"The tree is {tree.depth} deep but the export has {info['num_heads']} heads: "
+                         f"use a tree of depth <= {info['num_heads']}.")
+
+
 def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, seed: int = 0, eos_token_ids=None) -> tuple[list[int], DecodeStats]:
     """Decode from `prompt_ids`. With a tree and heads: Medusa; without: plain greedy (or sampling).
 
     Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    check_request(rt, prompt, max_new_tokens, temperature)
     eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else eos_token_ids)
-    medusa = tree is not None and tree.size > 1 and rt.heads is not None
+    medusa = tree is not None and tree.size > 1
+    if medusa:
+        check_tree(rt, tree)
     N = tree.size if medusa else 1
     if N > rt.logits_buf.shape[1]:
         raise ValueError(f"The tree has {N} nodes but the runtime was loaded with max_nodes={rt.logits_buf.shape[1]}.")
@@ -248,6 +340,8 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     rng = np.random.default_rng(seed)
     stats = DecodeStats(prompt_tokens=len(prompt))
     out: list[int] = []
+    if max_new_tokens == 0:  # none asked for, none made (not even the prefill)
+        return out, stats
 
     t0 = time.perf_counter()
     logits, hidden = prefill(rt, prompt)  # 1

@@ -9,8 +9,12 @@ graph here takes the mask itself, as an additive bias:
            present.{i}.key / .value  [1, T, kv_heads, head_dim]  -- only the T new rows.
 The cache is sequence-major, so the first P rows of a preallocated [1, capacity, ...] buffer are one
 contiguous block that ORT reads in place, and the T new rows are written in place after them
-(IO binding, see decoding.py). The heads graph maps hidden_states [B, C] to each head's top-k ids
-and probabilities [B, K, topk]. Llama-family bases (Llama, Vicuna, Mistral, Qwen2/3, SmolLM) are
+(IO binding, see decoding.py). The heads graph maps hidden_states [B, C] (and, for root-aware
+heads, token_embeddings [B, 1, C] of the root) to each head's top-k ids and probabilities
+[B, K, topk]. Sequential heads get one graph per head, heads_{k}.onnx: hidden_states [B, C] and
+token_embeddings [B, k+1, C] of the root and the path before it -> top-k ids and probabilities
+[B, topk]; the base's input embedding table is saved beside them (token_embeddings.npy) so the
+decoding loop can look the path's tokens up. Llama-family bases (Llama, Vicuna, Mistral, Qwen2/3, SmolLM) are
 supported: the wrapper reuses the model's own projections, norms and rotary embedding.
 
     paths = export_medusa(model, heads, "data/onnx", topk=10)
@@ -18,7 +22,9 @@ supported: the wrapper reuses the model's own projections, norms and rotary embe
 
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +40,9 @@ from medusa_lib.heads import MedusaHeads
 BASE_FILE = "base.onnx"
 HEADS_FILE = "heads.onnx"
 INFO_FILE = "export_info.json"
+EMBED_FILE = "token_embeddings.npy"
+INFO_KEYS = ("files", "topk", "dtype", "num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "num_heads",
+             "eos_token_ids")
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
 MASKED = -1e9  # additive bias for masked positions (finite, so fp16 stays NaN-free after scaling)
 
@@ -95,17 +104,22 @@ class TreeStep(nn.Module):
 
 
 class HeadsTopK(nn.Module):
-    """Hidden states (B, C) -> each head's top-k ids and probabilities (B, K, topk)."""
+    """Hidden states (B, C) [+ token embeddings (B, m, C)] -> top-k ids and probabilities, for every
+    head (B, K, topk), or for head `head` alone (B, topk) (sequential heads: one graph per head)."""
 
-    def __init__(self, heads: MedusaHeads, lm_head: torch.Tensor, topk: int):
+    def __init__(self, heads: MedusaHeads, lm_head: torch.Tensor, topk: int, head: int | None = None):
         super().__init__()
-        self.heads, self.topk = heads, topk
+        self.heads, self.topk, self.head = heads, topk, head
         self.lm_head = nn.Parameter(lm_head.detach().clone(), requires_grad=False)  # an initializer, so it can be quantised
 
-    def forward(self, hidden_states):
-        logits = self.heads(hidden_states, self.lm_head if self.heads.lm_heads is None else None)  # (B, K, V)
-        top = logits.softmax(-1).topk(self.topk, dim=-1)  # (B, K, topk)
-        return top.indices, top.values
+    def forward(self, hidden_states, token_embeddings=None):
+        shared = self.lm_head if self.heads.lm_heads is None else None
+        if self.head is None:
+            logits = self.heads(hidden_states, shared, token_embeddings)  # (B, K, M)
+        else:
+            logits = self.heads.head_logits(self.head, hidden_states, shared, token_embeddings)  # (B, M)
+        top = logits.softmax(-1).topk(self.topk, dim=-1)  # (B, [K,] topk)
+        return self.heads.token_ids(top.indices), top.values
 
 
 def kv_shape(model) -> tuple[int, int, int]:
@@ -143,7 +157,8 @@ def _save(raw_path: Path, out_path: Path) -> None:
 def export_base(model, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Export the base's tree step to out_dir/base.onnx (fp32, or fp16 for CUDA)."""
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.to(dtype=dtype)
+    if next(model.parameters()).dtype != dtype:  # a converted copy: the caller's model stays as it was
+        model = copy.deepcopy(model).to(dtype=dtype)
     L, Hkv, D = kv_shape(model)
     P, T = 3, 2  # example sizes; both axes are dynamic
     device = next(model.parameters()).device
@@ -167,21 +182,33 @@ def export_base(model, out_dir: str | Path, dtype: torch.dtype = torch.float32) 
 
 
 def export_heads(heads: MedusaHeads, lm_head: torch.Tensor, out_dir: str | Path, topk: int,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype = torch.float32) -> list[Path]:
+    """heads.onnx (all heads in one call), or heads_0.onnx .. heads_{K-1}.onnx for sequential heads."""
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    module = HeadsTopK(heads, lm_head, topk).to(dtype=dtype).eval()
-    device = lm_head.device
-    hidden = torch.zeros(1, heads.config.hidden_size, dtype=dtype, device=device)
-    raw = out_dir / (HEADS_FILE + ".raw")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.to(device), (hidden,), str(raw), input_names=["hidden_states"],
-                          output_names=["head_topk_ids", "head_topk_probs"],
-                          dynamic_axes={"hidden_states": {0: "B"}, "head_topk_ids": {0: "B"}, "head_topk_probs": {0: "B"}},
-                          opset_version=17, dynamo=False)
-    _save(raw, out_dir / HEADS_FILE)
-    raw.unlink()
-    return out_dir / HEADS_FILE
+    config, device = heads.config, lm_head.device
+    C = config.hidden_size
+    if topk > (config.head_vocab or config.vocab_size):
+        raise ValueError(f"topk={topk} is larger than the {config.head_vocab or config.vocab_size} tokens the heads score.")
+    sequential = config.token_inputs == "path"
+    paths = []
+    for head in (range(config.num_heads) if sequential else [None]):
+        module = HeadsTopK(heads, lm_head, topk, head).to(device=device, dtype=dtype).eval()
+        m = config.tokens_seen(head if sequential else 0)
+        inputs = (torch.zeros(2, C, dtype=dtype, device=device),)
+        names, dynamic = ["hidden_states"], {"hidden_states": {0: "B"}, "head_topk_ids": {0: "B"}, "head_topk_probs": {0: "B"}}
+        if m:
+            inputs += (torch.zeros(2, m, C, dtype=dtype, device=device),)
+            names.append("token_embeddings"); dynamic["token_embeddings"] = {0: "B"}
+        path = out_dir / (f"heads_{head}.onnx" if sequential else HEADS_FILE)
+        raw = path.with_name(path.name + ".raw")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, inputs, str(raw), input_names=names, output_names=["head_topk_ids", "head_topk_probs"],
+                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        _save(raw, path)
+        raw.unlink()
+        paths.append(path)
+    return paths
 
 
 def quantize_heads(path: Path) -> None:
@@ -196,24 +223,58 @@ def quantize_heads(path: Path) -> None:
 
 def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
                   base_model: str = "", int8_heads: bool = False) -> dict:
-    """Export base (and heads, when given) and write export_info.json; returns the info dict."""
+    """Export base (and heads, when given) and write export_info.json; returns the info dict.
+
+    Everything is written into a sibling folder <out_dir>.partial first and swapped in at the end, so
+    an interrupted re-export never leaves a folder whose graphs and export_info.json disagree."""
     out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
     dtype = torch.float16 if fp16 else torch.float32
     t0 = time.time()
-    files = {"base": str(export_base(model, out_dir, dtype))}
+    export_base(model, work, dtype)
+    head_files = []
     if heads is not None:
         lm_head = model.get_output_embeddings().weight.detach()
-        files["heads"] = str(export_heads(heads.to(device=lm_head.device), lm_head, out_dir, topk, dtype))
+        head_files = export_heads(heads.to(device=lm_head.device), lm_head, work, topk, dtype)
         if int8_heads:
-            quantize_heads(Path(files["heads"]))
+            for path in head_files:
+                quantize_heads(path)
+        if heads.config.token_inputs != "none":
+            table = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, C)
+            np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
     L, Hkv, D = kv_shape(model)
-    info = {"files": files, "topk": topk, "dtype": "float16" if fp16 else "float32", "num_layers": L,
+    config = heads.config if heads is not None else None
+    info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files]}, "topk": topk,
+            "dtype": "float16" if fp16 else "float32", "num_layers": L,
             "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
             "vocab_size": model.get_output_embeddings().weight.shape[0],
-            "num_heads": heads.config.num_heads if heads is not None else 0,
+            "num_heads": config.num_heads if config else 0,
+            "token_inputs": config.token_inputs if config else "none",
+            "head_vocab": config.head_vocab if config else 0,
             "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
             "seconds": round(time.time() - t0, 1)}
-    write_json(out_dir / INFO_FILE, info)
+    write_json(work / INFO_FILE, info)
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(work, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
+def read_export_info(export_dir: str | Path) -> dict:
+    """export_info.json of an export folder, checked for every key the decoding loop reads."""
+    from medusa_lib.files import read_json
+
+    path = Path(export_dir) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {Path(export_dir)} is not an export; run notebook 04 (ONNX export).")
+    info = read_json(path)
+    missing = [k for k in INFO_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: it was written by another version or damaged; re-export (notebook 04).")
     return info
 
 

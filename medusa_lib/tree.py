@@ -22,6 +22,15 @@ PAD = -1  # retrieve_indices padding; never a node index, never read as a token
 
 
 @dataclass(frozen=True)
+class Level:
+    """The nodes at one depth, for heads that propose depth by depth (sequential heads)."""
+    parents: np.ndarray  # (B,) nodes one level up that have children here
+    children: np.ndarray  # (n,) the nodes at this depth
+    slot: np.ndarray  # (n,) each child's parent, as an index into `parents`
+    rank: np.ndarray  # (n,) each child's rank among its head's top-k (its path's last entry)
+
+
+@dataclass(frozen=True)
 class TreeBuffers:
     paths: tuple[tuple[int, ...], ...]  # sorted rank paths, node j = paths[j-1]
     topk: int
@@ -29,6 +38,8 @@ class TreeBuffers:
     positions: np.ndarray  # (N,) depth of each node (root 0)
     mask: np.ndarray  # (N, N) bool: node i sees node j when j is i or an ancestor of i
     retrieve_indices: np.ndarray  # (R, depth+1) node indices of each leaf path, PAD-padded
+    ancestors: np.ndarray  # (N, depth+1) root .. node for every node, PAD-padded
+    levels: tuple[Level, ...]  # depth 1 .. depth
 
     @property
     def size(self) -> int:
@@ -39,8 +50,17 @@ class TreeBuffers:
         return int(self.positions.max())
 
 
+def _rank(r, where: str) -> int:
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
+        raise ValueError(f"{where}: ranks must be whole numbers (0 = top-1), not {r!r}.")
+    return int(r)
+
+
 def validate_paths(paths, topk: int, num_heads: int) -> list[tuple[int, ...]]:
-    paths = [tuple(int(r) for r in p) for p in paths]
+    topk = _rank(topk, "topk")
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, not {topk}.")
+    paths = [tuple(_rank(r, f"tree path {list(p)}") for r in p) for p in paths]
     seen = set(paths)
     if len(seen) != len(paths):
         raise ValueError("The tree lists a path twice.")
@@ -79,7 +99,17 @@ def build_tree(paths, topk: int, num_heads: int) -> TreeBuffers:
     for r, leaf in enumerate(leaves):
         for d in range(1, len(leaf) + 1):
             retrieve[r, d] = node_of[leaf[:d]]
-    return TreeBuffers(tuple(paths), topk, tree_indices, positions, mask, retrieve)
+    ancestors = np.full((N, depth + 1), PAD, dtype=np.int64)
+    for p, j in node_of.items():
+        ancestors[j, : len(p) + 1] = [node_of[p[:d]] for d in range(len(p) + 1)]
+    levels = []
+    for d in range(1, depth + 1):
+        children = [node_of[p] for p in paths if len(p) == d]
+        parents = sorted({node_of[p[:-1]] for p in paths if len(p) == d})
+        slot = [parents.index(node_of[p[:-1]]) for p in paths if len(p) == d]
+        rank = [p[-1] for p in paths if len(p) == d]
+        levels.append(Level(*(np.array(x, dtype=np.int64) for x in (parents, children, slot, rank))))
+    return TreeBuffers(tuple(paths), topk, tree_indices, positions, mask, retrieve, ancestors, tuple(levels))
 
 
 def chain_paths(depth: int) -> list[tuple[int, ...]]:
@@ -125,6 +155,10 @@ def save_tree(path: str | Path, paths, topk: int, **info) -> None:
 
 def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:
     raw = read_json(path)
-    if "paths" not in raw or "topk" not in raw:
-        raise ValueError(f"{path} is not a tree file (needs 'paths' and 'topk'); write it with save_tree.")
-    return build_tree([tuple(p) for p in raw["paths"]], raw["topk"], num_heads)
+    if not isinstance(raw, dict) or "paths" not in raw or "topk" not in raw or not isinstance(raw["paths"], list) \
+            or not all(isinstance(p, list) for p in raw["paths"]):
+        raise ValueError(f"{path} is not a tree file (needs 'topk' and 'paths', a list of rank lists); write it with save_tree.")
+    try:
+        return build_tree([tuple(p) for p in raw["paths"]], raw["topk"], num_heads)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

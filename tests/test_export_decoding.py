@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from medusa_lib.decoding import accept, generate, load_runtime
+from medusa_lib.decoding import accept, generate, load_runtime, propose
 from medusa_lib.export import export_medusa, parity_report
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import build_tree, chain_paths
@@ -111,3 +111,108 @@ def test_int8_heads_change_proposals_not_outputs(tiny_llama, tmp_path):
     for prompt in PROMPTS:
         assert generate(rt8, prompt, tree, 30, eos_token_ids=[])[0] == hf_greedy(tiny_llama, prompt, 30)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads that see tokens: proposals depth by depth, still lossless
+
+@pytest.fixture(scope="module", params=["root", "path"])
+def token_export(request, tiny_llama, tmp_path_factory):
+    torch.manual_seed(4)
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, token_inputs=request.param, block_expansion=2,
+                                             head_vocab=60), vocab_ids=torch.randperm(97)[:60].sort().values)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    export_medusa(tiny_llama, heads, out, topk=4)
+    return heads.eval(), out
+
+
+def test_token_heads_propose_what_pytorch_ranks_and_stay_lossless(tiny_llama, token_export):
+    heads, folder = token_export
+    rt = load_runtime(folder, capacity=256, max_nodes=16)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    lm_head, embed = tiny_llama.lm_head.weight, tiny_llama.model.embed_tokens.weight
+    hidden, root = torch.randn(64), 11
+    tokens = propose(rt, root, hidden, tree)
+    for j, path in enumerate(tree.paths, start=1):  # node j: rank path[-1] of head len(path)-1 given its parents
+        k = len(path) - 1
+        seen = tokens[tree.ancestors[j, : k + 1]]  # root .. parent
+        embeds = embed[torch.from_numpy(np.pad(seen, (0, 3 - len(seen))))][None]  # (1, 3, C)
+        logits = heads(hidden[None], lm_head, embeds)[0, k]  # (60,)
+        ranked = heads.token_ids(logits.topk(4).indices)
+        assert tokens[j] == ranked[path[-1]], (path, tokens[j], ranked)
+    for prompt in PROMPTS:
+        assert generate(rt, prompt, tree, 30, eos_token_ids=[])[0] == hf_greedy(tiny_llama, prompt, 30)
+
+
+def test_trees_that_do_not_fit_the_heads_are_refused(exported, rt):
+    with pytest.raises(ValueError, match="built for topk=5 but the heads were exported with topk=4"):
+        generate(rt, PROMPTS[0], build_tree([(0,), (0, 0)], topk=5, num_heads=3), 5)
+    with pytest.raises(ValueError, match="4 deep but the export has 3 heads"):
+        generate(rt, PROMPTS[0], build_tree(chain_paths(4), topk=4, num_heads=4), 5)
+    plain_rt = load_runtime(exported, capacity=256, max_nodes=16, with_heads=False)
+    with pytest.raises(ValueError, match="no heads"):
+        generate(plain_rt, PROMPTS[0], build_tree(TREE, topk=4, num_heads=3), 5)
+
+
+def test_an_export_without_its_heads_graph_says_so(tiny_llama, tmp_path):
+    export_medusa(tiny_llama, MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=2)), tmp_path, topk=4)
+    (tmp_path / "heads.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="heads.onnx is missing"):
+        load_runtime(tmp_path, capacity=64)
+    (tmp_path / "base.onnx").write_bytes((tmp_path / "base.onnx").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="base.onnx cannot be loaded .*damaged or truncated"):
+        load_runtime(tmp_path, capacity=64, with_heads=False)
+
+
+def test_an_interrupted_reexport_leaves_the_old_export_whole(tiny_llama, tmp_path, monkeypatch):
+    from medusa_lib import export as export_module
+    export_medusa(tiny_llama, MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=2)), tmp_path / "onnx", topk=4)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(export_module, "export_heads", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_medusa(tiny_llama, MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3)), tmp_path / "onnx", topk=4)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
+
+
+def test_bad_requests_get_clear_errors_and_zero_tokens_means_none(rt):
+    assert generate(rt, PROMPTS[0], None, 0) == ([], generate(rt, PROMPTS[0], None, 0)[1])
+    assert generate(rt, PROMPTS[0], None, 0)[1].steps == 0
+    for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens must be a whole number >= 0"),
+                            (dict(temperature=-0.5), "temperature must be >= 0"),
+                            (dict(temperature=float("nan")), "temperature must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            generate(rt, PROMPTS[0], None, **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate(rt, [], None, 4)
+    with pytest.raises(ValueError, match=r"Token id 97 in the prompt is outside the vocabulary \(0..96\)"):
+        generate(rt, [1, 97], None, 4)
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        load_runtime(rt.info and rt.base and "unused", capacity=-5)
+
+
+def test_typical_acceptance_uses_upstreams_entropy():
+    # a 32k vocabulary whose tail holds tiny probabilities: there -sum p log(p + 1e-5) (upstream) and
+    # -sum p log p differ, and so do the thresholds min(0.09, 0.3 exp(-H)). A candidate whose
+    # probability lies between the two thresholds is rejected, as upstream rejects it.
+    V = 32000
+
+    def dist(share):
+        q = np.full(V, (0.4 - share) / (V - 2)); q[0], q[1] = 0.6, share
+        return q
+
+    def threshold(q, eps):
+        return min(0.09, 0.3 * np.exp(np.sum(q * np.log(q + eps))))
+
+    share = next(s for s in np.linspace(1e-4, 0.05, 2000) if threshold(dist(s), 0.0) * 1.05 < s < threshold(dist(s), 1e-5) / 1.05)
+    tree = build_tree([(0,)], topk=1, num_heads=1)
+    for candidate_share, accepted in ((share, 0), (threshold(dist(share), 1e-5) * 1.2, 1)):
+        q = dist(candidate_share)
+        logits = torch.from_numpy(np.log(np.stack([q, q]))).float()  # (2, V): the root and node 1
+        _, L, _ = accept(np.array([0, 1]), logits, tree, 1.0, np.random.default_rng(0))
+        assert L == accepted, (candidate_share, threshold(q, 0.0), threshold(q, 1e-5))
