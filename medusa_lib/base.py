@@ -51,7 +51,14 @@ def embedded_gguf_path() -> Path:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device name: use 'auto', 'cpu' or 'cuda'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} but PyTorch sees no CUDA GPU here (CPU-only build or no driver): "
+                           f"use device='auto' or 'cpu'.")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -75,8 +82,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Reading {gguf_path} needs the `gguf` package: run `pip install gguf`.")
     kwargs = dict(gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    except Exception as err:  # the GGUF reader fails in many ways on a cut file (struct.error, KeyError, ...)
+        raise ValueError(f"{gguf_path} cannot be read as a GGUF model ({type(err).__name__}: {str(err)[:160]}): the "
+                         f"file is damaged or truncated; download or reinstall it.") from None
     if hasattr(model.config, "quantization_config"):  # de-quantised now: plain fp32 weights
         del model.config.quantization_config
     model.hf_quantizer = None
@@ -98,9 +109,13 @@ def checkpoint_path(name_or_path: str = EMBEDDED) -> str:
     if name_or_path.endswith(".gguf"):
         gguf = Path(name_or_path)
         return str(convert_gguf(gguf, cache_dir() / "models" / gguf.stem))
+    local = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids are "org/name"
-    if looks_local and not Path(name_or_path).expanduser().exists():
+    if looks_local and not local.exists():
         raise FileNotFoundError(f"Model path {name_or_path} does not exist: pass a local folder or a Hugging Face model id.")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"Model folder {local} has no config.json: point to the folder that holds config.json "
+                                f"and the weights (save_pretrained writes both), or pass a .gguf file.")
     return name_or_path
 
 
@@ -108,9 +123,17 @@ def load_base(name_or_path: str = EMBEDDED, device: str = "auto", dtype: str = "
     """(model, tokenizer): the frozen base in eval mode on the chosen device and dtype."""
     dev = resolve_device(device)
     path = checkpoint_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if Path(path).expanduser().exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        raise OSError(f"Model {name_or_path!r} is neither a local folder nor in the Hugging Face cache"
+                      f"{' (offline: HF_HUB_OFFLINE is set)' if offline else ''}: check the spelling "
+                      f"(hub ids look like 'org/name'), or download it first with network access.") from None
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -1,8 +1,9 @@
 """Benchmark: Medusa on ONNX Runtime against its peers, in one run, on held-out prompts.
 
 Methods: hf (Hugging Face greedy generate), hf_pld (prompt lookup decoding), ort (plain greedy on
-the exported base: the baseline), medusa_chain (top-1 chain), medusa_tree (the sparse tree) and
-llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
+the exported base: the baseline), medusa_chain (top-1 chain), medusa_tree (the sparse tree) with
+the paper's Medusa-1 heads, hydra_tree (a sparse tree proposed by the sequential heads, the
+workbook's extension) and llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
 warm-up excluded, methods alternated prompt by prompt. Also: the verification cost curve and the
 tree size that maximises expected tokens per second on this device.
 
@@ -18,18 +19,20 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from medusa_lib.config import WorkbookConfig, get_config
+from medusa_lib.config import HYDRA, WorkbookConfig, get_config
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
 
-ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "llamacpp")
+ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "llamacpp")
+ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree")
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 
 
@@ -98,28 +101,48 @@ def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 5) -> dict[int, 
     return out
 
 
-def final_accuracies(log_csv: str | Path) -> np.ndarray:
-    """(K, 5) eval top-1..5 accuracies at the last logged step."""
+def final_accuracies(log_csv: str | Path, conditional: bool = True) -> np.ndarray:
+    """(K, 5) eval top-1..5 accuracies at the last logged step: given a right path before each head
+    (`cacc`, what a tree needs) when the log has them, else the plain ones."""
     import pandas as pd
     log = pd.read_csv(log_csv)
     ev = log[log.split == "eval"]
     last = ev[ev.step == ev.step.max()].sort_values("head")
-    return last[[f"acc@{k}" for k in range(1, 6)]].to_numpy()
+    prefix = "cacc" if conditional and "cacc@1" in last and last["cacc@1"].notna().all() else "acc"
+    return last[[f"{prefix}@{k}" for k in range(1, 6)]].to_numpy()
 
 
-def size_tree(cost: dict[int, float], rank_acc: np.ndarray, heads_s: float, max_nodes: int) -> dict:
+def size_tree(cost: dict[int, float], rank_acc: np.ndarray, heads_s: float, max_nodes: int,
+              heads_per_depth: bool = False) -> dict:
     """For each node budget: the greedy tree, its expected tau, and expected tokens/s given the
-    measured cost curve (interpolated) plus the heads' time. Returns the curve and the best."""
+    measured cost curve (interpolated) plus the heads' time (once per step, or once per tree depth
+    for sequential heads). Returns the curve and the best."""
     sizes = np.array(sorted(cost)); secs = np.array([cost[s] for s in sizes])
     rows = []
     for budget in range(0, max_nodes):
         paths = greedy_tree(rank_acc, budget) if budget else []
         tau = expected_tau(paths, rank_acc)
-        step = float(np.interp(budget + 1, sizes, secs)) + (heads_s if budget else 0.0)
+        calls = (max((len(p) for p in paths), default=0) if heads_per_depth else 1) if budget else 0
+        step = float(np.interp(budget + 1, sizes, secs)) + heads_s * calls
         rows.append({"nodes": budget + 1, "expected_tau": tau, "step_s": step, "expected_tok_per_s": tau / step,
                      "paths": [list(p) for p in paths]})
     best = max(rows, key=lambda r: r["expected_tok_per_s"])
     return {"curve": rows, "best": best}
+
+
+def heads_seconds(rt, reps: int = 10) -> float:
+    """Seconds for one heads call (the one call of Medusa-1 / root-aware heads, or one depth's call
+    of sequential heads on a single parent)."""
+    from medusa_lib.decoding import propose
+    from medusa_lib.tree import build_tree, chain_paths
+
+    tree = build_tree(chain_paths(1), rt.info["topk"], rt.info["num_heads"])
+    hidden = rt.hidden_buf[0, 0]
+    propose(rt, 0, hidden, tree)
+    t = time.perf_counter()
+    for _ in range(reps):
+        propose(rt, 0, hidden, tree)
+    return (time.perf_counter() - t) / reps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,10 +167,11 @@ def reset_peak_rss() -> None:
 class Methods:
     """Loads what each method needs once; `run(name, ids)` -> (tokens, decode_s, e2e_s, tau)."""
 
-    def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_paths, threads: int):
+    def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_paths, threads: int,
+                 hydra_dir: Path | None = None, hydra_paths=None):
         import torch
         from medusa_lib.base import load_base
-        from medusa_lib.decoding import load_runtime
+        from medusa_lib.decoding import load_runtime, with_heads_of
 
         self.cfg, self.methods = cfg, list(methods)
         self.torch = torch
@@ -164,9 +188,15 @@ class Methods:
         num_heads = self.info["num_heads"]
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
                       "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
+        hydra_info = read_json(hydra_dir / "export_info.json") if "hydra_tree" in self.methods else None
+        if hydra_info is not None:
+            self.trees["hydra_tree"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
         max_nodes = max(t.size for t in self.trees.values())
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
                                with_heads=any(m.startswith("medusa") for m in self.methods))
+        self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
+        if hydra_info is not None:  # the same base session and cache, the sequential heads
+            self.runtimes["hydra_tree"] = with_heads_of(self.rt, hydra_dir)
         self.llama = None
         if "llamacpp" in self.methods:
             from llama_cpp import Llama
@@ -177,9 +207,10 @@ class Methods:
     def run(self, name: str, ids: list[int], max_new_tokens: int):
         from medusa_lib.decoding import generate
         torch = self.torch
-        if name in ("ort", "medusa_chain", "medusa_tree"):
+        if name in ORT_METHODS:
             t = time.perf_counter()
-            out, stats = generate(self.rt, ids, None if name == "ort" else self.trees[name], max_new_tokens, eos_token_ids=self.eos)
+            out, stats = generate(self.runtimes[name], ids, None if name == "ort" else self.trees[name], max_new_tokens,
+                                  eos_token_ids=self.eos)
             return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
         if name in ("hf", "hf_pld"):
             x = torch.tensor([ids], device=self.model.device)
@@ -230,10 +261,12 @@ def _aggregate(records: list[dict]) -> dict:
             "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None)}
 
 
-def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int) -> float:
+def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int,
+                   hydra_dir: Path | None = None, hydra_tree_file: Path | None = None) -> float:
     """Peak resident memory (MB) of a fresh process that loads only `method` and runs one prompt."""
-    code = ("import sys, json; from medusa_lib.bench import _memory_child; "
-            f"print(json.dumps(_memory_child({method!r}, {cfg_name!r}, {str(export_dir)!r}, {str(tree_file)!r}, {threads}, {max_new_tokens})))")
+    args = [method, cfg_name, str(export_dir), str(tree_file), threads, max_new_tokens,
+            str(hydra_dir) if hydra_dir else None, str(hydra_tree_file) if hydra_tree_file else None]
+    code = f"import json; from medusa_lib.bench import _memory_child; print(json.dumps(_memory_child(*{args!r})))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     try:
         return float(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -241,25 +274,54 @@ def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path
         return float("nan")
 
 
-def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens) -> float:
+def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens, hydra_dir, hydra_tree_file) -> float:
     cfg = get_config(cfg_name)
     paths = [tuple(p) for p in read_json(tree_file)["paths"]]
-    m = Methods(cfg, [method], Path(export_dir), paths, threads)
+    hydra_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]] if hydra_tree_file else None
+    m = Methods(cfg, [method], Path(export_dir), paths, threads, Path(hydra_dir) if hydra_dir else None, hydra_paths)
     q = load_questions(None, cfg, 1)[0]
     m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
     return peak_rss_mb()
 
 
+def check_out_path(out: str | Path) -> Path:
+    """Fail before a long run, not after it: `out` must be a file path we can write."""
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory: give a file name, e.g. {out / 'results.json'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"--out {out} cannot be written ({err.strerror}): choose a writable folder.") from None
+    return out
+
+
+def hydra_paths_for(cfg: WorkbookConfig, hydra_tree: str | Path | None) -> tuple[Path, Path]:
+    """The sequential heads' export (data/<preset>/hydra/onnx, exported on first use) and tree."""
+    from medusa_lib.train import run_dir
+
+    export_dir = resolve_export_dir(cfg, run_dir(cfg.replace(**HYDRA)))
+    return export_dir, Path(hydra_tree) if hydra_tree else default_tree_file(cfg, sequential=True)
+
+
 def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
                   max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
                   heads: str | None = None, threads: int | None = None, memory: bool = True,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, hydra_tree: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
-    limit = limit or cfg.bench_prompts
-    max_new_tokens = max_new_tokens or cfg.bench_max_new_tokens
+    limit = cfg.bench_prompts if limit is None else limit
+    max_new_tokens = cfg.bench_max_new_tokens if max_new_tokens is None else max_new_tokens
+    if limit < 1 or max_new_tokens < 1:
+        raise ValueError(f"The benchmark needs at least one prompt and one new token (limit={limit}, "
+                         f"max_new_tokens={max_new_tokens}).")
     threads = cfg.threads if threads is None else threads
     methods = list(methods or cfg.bench_methods)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {unknown}: choose from {ALL_METHODS}.")
     notes = []
     if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
         methods.remove("llamacpp")
@@ -267,15 +329,19 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     export_dir = resolve_export_dir(cfg, heads)
     tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
     tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
+    hydra_dir = hydra_tree_file = hydra_tree_paths = None
+    if "hydra_tree" in methods:
+        hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree)
+        hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
     if "ort" not in methods:
         methods.insert(0, "ort")
     qs = load_questions(questions, cfg, limit)
-    runner = Methods(cfg, methods, export_dir, tree_paths, threads)
+    runner = Methods(cfg, methods, export_dir, tree_paths, threads, hydra_dir, hydra_tree_paths)
     warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
     for name in methods:  # warm-up, excluded from timing
         runner.run(name, warm, 8)
     per_method = defaultdict(list)
-    split = defaultdict(float)
+    split = defaultdict(lambda: defaultdict(float))  # method -> where its decode time went
     divergences = []
     bar = tqdm(total=len(qs) * len(methods), desc="benchmark", disable=not progress)
     for i, q in enumerate(qs):
@@ -288,11 +354,11 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             per_method[name].append({"category": q["category"], "new_tokens": len(out), "decode_s": decode_s,
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
                                      "tokens": out})
-            if name == "medusa_tree" and stats is not None:
+            if name in ("medusa_tree", "hydra_tree") and stats is not None:
                 for k, v in stats.split_s.items():
-                    split[k] += v
-                split["python"] += stats.python_s
-                split["decode_total"] += stats.decode_s
+                    split[name][k] += v
+                split[name]["python"] += stats.python_s
+                split[name]["decode_total"] += stats.decode_s
             bar.update(1)
         for name in methods:
             same = outputs[name] == outputs["ort"]
@@ -306,13 +372,16 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         tmp_tree = cfg.data_dir / "bench" / "tree_used.json"
         save_tree(tmp_tree, tree_paths, runner.info["topk"])
         for name in methods:
-            mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens))
-    result = {"methods": {}, "categories": {}, "time_split_medusa_tree": dict(split), "notes": notes,
+            mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens),
+                                       hydra_dir, hydra_tree_file)
+    result = {"methods": {}, "categories": {}, "time_split": {k: dict(v) for k, v in split.items()}, "notes": notes,
               "divergences_from_ort": divergences,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0]},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
-                           "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads}}
+                           "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads,
+                           "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
+                           "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
@@ -326,13 +395,15 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / ort_cat if ort_cat else None)
             result["categories"][cat][name] = agg
     result["accept_lens"] = {n: sum((r["accept_lens"] or [] for r in per_method[n]), []) for n in methods
-                             if n.startswith("medusa")}
+                             if n in ORT_METHODS and n != "ort"}
     return result
 
 
-def default_tree_file(cfg: WorkbookConfig) -> Path:
-    """The device-sized tree from notebook 06 if there is one, else notebook 03's tree."""
-    for path in (cfg.data_dir / "trees" / "tree_device.json", cfg.data_dir / "trees" / "tree.json"):
+def default_tree_file(cfg: WorkbookConfig, sequential: bool = False) -> Path:
+    """The device-sized tree from notebook 06 if there is one, else notebook 03's tree (for the
+    Medusa-1 heads, or for the sequential heads)."""
+    stem = "tree_hydra" if sequential else "tree"
+    for path in (cfg.data_dir / "trees" / f"{stem}_device.json", cfg.data_dir / "trees" / f"{stem}.json"):
         if path.is_file():
             return path
     raise FileNotFoundError(f"No tree in {cfg.data_dir / 'trees'}: run notebook 03 (loss analysis) first, or pass --tree FILE.")
@@ -347,19 +418,20 @@ def results_table(result: dict):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark Medusa on ONNX Runtime against its peers.")
     p.add_argument("--preset"); p.add_argument("--questions"); p.add_argument("--limit", type=int)
-    p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods")
+    p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods", help=f"comma-separated, from {ALL_METHODS}")
     p.add_argument("--tree"); p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
+    p.add_argument("--hydra-tree", help="tree for the sequential heads (default: data/<preset>/trees/tree_hydra*.json)")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)
+    out = check_out_path(a.out if a.out else cfg.data_dir / "bench" / "results.json")
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
-                           a.tree, a.heads, a.threads, memory=not a.no_memory)
+                           a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree)
     import pandas as pd
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(results_table(result).to_string(float_format=lambda x: f"{x:.2f}"))
     for note in result["notes"]:
         print(note)
-    out = Path(a.out) if a.out else cfg.data_dir / "bench" / "results.json"
     write_json(out, result)
     print(f"results written to {out}")
 

@@ -72,11 +72,17 @@ def iter_json_records(path: Path, report: LoadReport) -> Iterator[object]:
     A record that the file cuts off is never yielded; its starting byte goes to the report."""
     decoder = json.JSONDecoder()
     report.file_bytes = path.stat().st_size
-    with open(path, "r", encoding="utf-8", errors="strict") as fh:
+    with open(path, "rb") as raw:
+        bom = raw.read(3) == b"\xef\xbb\xbf"  # a UTF-8 byte-order mark (some editors write one): skipped
+    with open(path, "r", encoding="utf-8-sig", errors="strict") as fh:
         buf = fh.read(CHUNK_CHARS)
-        pos, byte_pos, eof = 0, 0, False
+        pos, byte_pos, eof = 0, 3 if bom else 0, False
         stripped = buf.lstrip()
         is_array = stripped.startswith("[")
+        if path.suffix.lower() == ".json" and stripped and not is_array:
+            kind = {"{": "an object"}.get(stripped[0], "not a list")
+            raise ValueError(f"{path}: the top level is {kind}, but a .json data file must be a list of records "
+                             f"([{{\"conversations\": [...]}}, ...]); for one record per line, name it .jsonl.")
         if is_array:
             start = buf.index("[") + 1
             byte_pos += len(buf[:start].encode())

@@ -18,29 +18,35 @@ from medusa_lib.base import checkpoint_path
 from medusa_lib.bench import default_tree_file
 from medusa_lib.config import get_config
 from medusa_lib.decoding import generate, load_runtime
-from medusa_lib.export import resolve_export_dir
-from medusa_lib.files import read_json
+from medusa_lib.export import read_export_info, resolve_export_dir
 from medusa_lib.tree import load_tree
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", required=True); p.add_argument("--heads"); p.add_argument("--tree")
+    p.add_argument("--prompt", required=True); p.add_argument("--tree")
+    p.add_argument("--heads", help="heads checkpoint folder (e.g. data/full/hydra) or exported ONNX folder")
     p.add_argument("--max-new-tokens", type=int); p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0); p.add_argument("--threads", type=int)
     p.add_argument("--plain", action="store_true", help="plain decoding, no heads (the baseline)")
     p.add_argument("--preset")
     a = p.parse_args(argv)
+    if not a.prompt.strip():
+        p.error("--prompt is empty: give the text to answer.")
+    if a.max_new_tokens is not None and a.max_new_tokens < 0:
+        p.error(f"--max-new-tokens must be >= 0 (0 makes none), not {a.max_new_tokens}.")
     cfg = get_config(a.preset)
     export_dir = resolve_export_dir(cfg, a.heads)
-    info = read_json(export_dir / "export_info.json")
-    tree = None if a.plain else load_tree(a.tree or default_tree_file(cfg), info["num_heads"])
+    info = read_export_info(export_dir)
+    sequential = info.get("token_inputs") == "path"
+    tree = None if a.plain else load_tree(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,
                       max_nodes=tree.size if tree else 1)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(info.get("base_model") or cfg.base_model))
     text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    out, stats = generate(rt, ids, tree, a.max_new_tokens or cfg.max_new_tokens, a.temperature, a.seed)
+    max_new_tokens = cfg.max_new_tokens if a.max_new_tokens is None else a.max_new_tokens
+    out, stats = generate(rt, ids, tree, max_new_tokens, a.temperature, a.seed)
     print(tokenizer.decode(out, skip_special_tokens=True))
     print(f"\n[{stats.new_tokens} tokens, tau {stats.tau:.2f}, {stats.decode_tok_per_s:.1f} tok/s decode, "
           f"stopped on {stats.stopped}]")

@@ -2,11 +2,11 @@
 
 import os
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 @pytest.fixture(scope="session")

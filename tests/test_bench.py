@@ -37,3 +37,38 @@ def test_aggregate_counts_tokens_over_time():
     agg = _aggregate(recs)
     assert agg["decode_tok_per_s"] == 20.0 and agg["e2e_tok_per_s"] == 10.0
     assert agg["tau"] == 2.5 and agg["identical_to_ort"] == 1 and agg["prompts"] == 2
+
+
+def test_a_bad_out_path_fails_before_any_benchmark_work(tmp_path, monkeypatch):
+    from medusa_lib import bench
+    ran = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: ran.append(1) or {})
+    with pytest.raises(IsADirectoryError, match="is a directory: give a file name"):
+        bench.main(["--preset", "tiny", "--out", str(tmp_path)])
+    locked = tmp_path / "locked"
+    locked.mkdir(); locked.chmod(0o500)
+    import os
+    if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
+        locked = tmp_path / "a_file"
+        locked.write_text("x")
+    with pytest.raises(PermissionError, match="cannot be written"):
+        bench.main(["--preset", "tiny", "--out", str(locked / "results.json")])
+    assert ran == []
+
+
+def test_zero_prompts_or_tokens_are_refused_not_replaced_by_the_default():
+    from medusa_lib.bench import run_benchmark
+    with pytest.raises(ValueError, match=r"at least one prompt and one new token \(limit=0"):
+        run_benchmark(get_config("tiny"), limit=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens=0"):
+        run_benchmark(get_config("tiny"), max_new_tokens=0)
+
+
+def test_sequential_heads_pay_for_one_call_per_depth():
+    rank_acc = np.array([[0.6, 0.1, 0.05, 0.03, 0.02], [0.5, 0.1, 0.05, 0.03, 0.02]])
+    cost = {1: 0.010, 64: 0.011}
+    once = size_tree(cost, rank_acc, heads_s=0.002, max_nodes=8)
+    per_depth = size_tree(cost, rank_acc, heads_s=0.002, max_nodes=8, heads_per_depth=True)
+    for a, b in zip(once["curve"], per_depth["curve"]):
+        depth = max((len(p) for p in a["paths"]), default=0)
+        assert b["step_s"] - a["step_s"] == pytest.approx(0.002 * max(0, depth - 1))

@@ -218,3 +218,14 @@ def test_atomic_writes_leave_no_temp_file_and_usual_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_json_files_with_a_byte_order_mark_load_and_a_non_list_top_level_is_named(tmp_path):
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+    convs, report = load_conversations(bom)
+    assert [c["id"] for c in convs] == ["a", "b", "c", "d"] and report.truncated_at_byte is None
+    obj = tmp_path / "object.json"
+    obj.write_text(json.dumps({"data": RECORDS}))
+    with pytest.raises(ValueError, match=r"object.json: the top level is an object, but a .json data file must be a list"):
+        load_conversations(obj)

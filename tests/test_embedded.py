@@ -60,3 +60,20 @@ def test_medusa_on_ort_is_lossless_on_the_embedded_model(smol, tmp_path):
         assert medusa == plain == ref
     rows = parity_report(model, rt, ids, np.array(medusa[: tree.size]), tree)
     assert all(r["max_abs_diff"] <= 1e-3 for r in rows), rows
+
+
+def test_bad_model_sources_get_one_clear_message(tmp_path, monkeypatch):
+    (tmp_path / "weights_only").mkdir()
+    with pytest.raises(FileNotFoundError, match="weights_only has no config.json"):
+        base.load_base(str(tmp_path / "weights_only"), "cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"'HuggingFaceTB/SmolLM2-135M-Instrukt' is neither a local folder nor in the "
+                                      r"Hugging Face cache \(offline"):
+        base.load_base("HuggingFaceTB/SmolLM2-135M-Instrukt", "cpu")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(base.embedded_gguf_path().read_bytes()[: 1 << 20])
+    with pytest.raises(ValueError, match="cut.gguf cannot be read as a GGUF model .*damaged or truncated"):
+        base.convert_gguf(cut, tmp_path / "out")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda' but PyTorch sees no CUDA GPU"):
+            base.resolve_device("cuda")

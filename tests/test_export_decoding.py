@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from medusa_lib.config import get_config
 from medusa_lib.decoding import accept, generate, load_runtime, propose
 from medusa_lib.export import export_medusa, parity_report
 from medusa_lib.heads import HeadsConfig, MedusaHeads
@@ -180,7 +181,7 @@ def test_an_interrupted_reexport_leaves_the_old_export_whole(tiny_llama, tmp_pat
     assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
 
 
-def test_bad_requests_get_clear_errors_and_zero_tokens_means_none(rt):
+def test_bad_requests_get_clear_errors_and_zero_tokens_means_none(exported, rt):
     assert generate(rt, PROMPTS[0], None, 0) == ([], generate(rt, PROMPTS[0], None, 0)[1])
     assert generate(rt, PROMPTS[0], None, 0)[1].steps == 0
     for kwargs, message in [(dict(max_new_tokens=-1), "max_new_tokens must be a whole number >= 0"),
@@ -193,7 +194,9 @@ def test_bad_requests_get_clear_errors_and_zero_tokens_means_none(rt):
     with pytest.raises(ValueError, match=r"Token id 97 in the prompt is outside the vocabulary \(0..96\)"):
         generate(rt, [1, 97], None, 4)
     with pytest.raises(ValueError, match="capacity >= 1"):
-        load_runtime(rt.info and rt.base and "unused", capacity=-5)
+        load_runtime(exported, capacity=-5)
+    with pytest.raises(ValueError, match="kv_capacity must be at least 1"):
+        get_config("tiny", kv_capacity=-5)
 
 
 def test_typical_acceptance_uses_upstreams_entropy():
@@ -216,3 +219,15 @@ def test_typical_acceptance_uses_upstreams_entropy():
         logits = torch.from_numpy(np.log(np.stack([q, q]))).float()  # (2, V): the root and node 1
         _, L, _ = accept(np.array([0, 1]), logits, tree, 1.0, np.random.default_rng(0))
         assert L == accepted, (candidate_share, threshold(q, 0.0), threshold(q, 1e-5))
+
+
+def test_export_info_with_a_missing_key_is_named(exported, tmp_path):
+    import json
+    import shutil
+    copy = tmp_path / "onnx"
+    shutil.copytree(exported, copy)
+    info = json.loads((copy / "export_info.json").read_text())
+    del info["kv_heads"]
+    (copy / "export_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"export_info.json lacks \['kv_heads'\].*re-export"):
+        load_runtime(copy, capacity=64)

@@ -72,3 +72,28 @@ def test_greedy_tree_and_expected_tau():
     build_tree(tree, topk=10, num_heads=2)  # prefix-closed and within bounds
     taus = [expected_tau(greedy_tree(rank_acc, b), rank_acc) for b in range(1, 12)]
     assert all(b >= a for a, b in zip(taus, taus[1:]))
+
+
+def test_hand_worked_tree_levels_for_sequential_heads():
+    tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)], topk=10, num_heads=2)
+    assert tree.ancestors.tolist() == [[0, PAD, PAD], [0, 1, PAD], [0, 2, PAD], [0, 1, 3], [0, 1, 4], [0, 2, 5]]
+    first, second = tree.levels
+    assert first.parents.tolist() == [0] and first.children.tolist() == [1, 2] and first.rank.tolist() == [0, 1]
+    assert second.parents.tolist() == [1, 2] and second.children.tolist() == [3, 4, 5]
+    assert second.slot.tolist() == [0, 0, 1] and second.rank.tolist() == [0, 1, 0]
+
+
+@pytest.mark.parametrize("paths, topk, message", [
+    ([[0.7]], 4, r"ranks must be whole numbers .*not 0.7"),
+    ([["01"]], 4, r"ranks must be whole numbers .*not '01'"),
+    ([[True]], 4, r"ranks must be whole numbers"),
+    ([[0]], 4.0, r"topk: ranks must be whole numbers .*not 4.0"),
+])
+def test_tree_files_with_non_integer_ranks_are_refused(tmp_path, paths, topk, message):
+    import json
+
+    from medusa_lib.tree import load_tree
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps({"paths": paths, "topk": topk}))
+    with pytest.raises(ValueError, match=message):
+        load_tree(path, num_heads=2)
