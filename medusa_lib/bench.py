@@ -3,7 +3,8 @@
 Methods: hf (Hugging Face greedy generate), hf_pld (prompt lookup decoding), ort (plain greedy on
 the exported base: the baseline), medusa_chain (top-1 chain), medusa_tree (the sparse tree) with
 the paper's Medusa-1 heads, hydra_tree (a sparse tree proposed by the sequential heads, the
-workbook's extension) and llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
+workbook's extension), hydra_pld (that tree plus a prompt-lookup chain on the steps where the text
+repeats itself) and llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
 warm-up excluded, methods alternated prompt by prompt. Also: the verification cost curve and the
 tree size that maximises expected tokens per second on this device.
 
@@ -26,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_lib.config import HYDRA, WorkbookConfig, get_config
+from medusa_lib.config import WorkbookConfig, get_config, hydra_config
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
 
-ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "llamacpp")
-ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree")
+ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
+ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 
 
@@ -188,15 +189,15 @@ class Methods:
         num_heads = self.info["num_heads"]
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
                       "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
-        hydra_info = read_json(hydra_dir / "export_info.json") if "hydra_tree" in self.methods else None
+        hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
         if hydra_info is not None:
-            self.trees["hydra_tree"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
-        max_nodes = max(t.size for t in self.trees.values())
+            self.trees["hydra_tree"] = self.trees["hydra_pld"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
+        max_nodes = max(t.size for t in self.trees.values()) + cfg.lookup_tokens
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
                                with_heads=any(m.startswith("medusa") for m in self.methods))
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
         if hydra_info is not None:  # the same base session and cache, the sequential heads
-            self.runtimes["hydra_tree"] = with_heads_of(self.rt, hydra_dir)
+            self.runtimes["hydra_tree"] = self.runtimes["hydra_pld"] = with_heads_of(self.rt, hydra_dir)
         self.llama = None
         if "llamacpp" in self.methods:
             from llama_cpp import Llama
@@ -210,7 +211,7 @@ class Methods:
         if name in ORT_METHODS:
             t = time.perf_counter()
             out, stats = generate(self.runtimes[name], ids, None if name == "ort" else self.trees[name], max_new_tokens,
-                                  eos_token_ids=self.eos)
+                                  eos_token_ids=self.eos, lookup=self.cfg.lookup_tokens if name == "hydra_pld" else 0)
             return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
         if name in ("hf", "hf_pld"):
             x = torch.tensor([ids], device=self.model.device)
@@ -302,7 +303,7 @@ def hydra_paths_for(cfg: WorkbookConfig, hydra_tree: str | Path | None) -> tuple
     """The sequential heads' export (data/<preset>/hydra/onnx, exported on first use) and tree."""
     from medusa_lib.train import run_dir
 
-    export_dir = resolve_export_dir(cfg, run_dir(cfg.replace(**HYDRA)))
+    export_dir = resolve_export_dir(cfg, run_dir(hydra_config(cfg)))
     return export_dir, Path(hydra_tree) if hydra_tree else default_tree_file(cfg, sequential=True)
 
 
@@ -330,7 +331,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
     tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
     hydra_dir = hydra_tree_file = hydra_tree_paths = None
-    if "hydra_tree" in methods:
+    if {"hydra_tree", "hydra_pld"} & set(methods):
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree)
         hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
     if "ort" not in methods:
@@ -354,7 +355,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             per_method[name].append({"category": q["category"], "new_tokens": len(out), "decode_s": decode_s,
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
                                      "tokens": out})
-            if name in ("medusa_tree", "hydra_tree") and stats is not None:
+            if name in ORT_METHODS and name != "ort" and stats is not None:
                 for k, v in stats.split_s.items():
                     split[name][k] += v
                 split[name]["python"] += stats.python_s

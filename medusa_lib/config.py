@@ -45,6 +45,7 @@ class WorkbookConfig:
     block_expansion: int = 0  # 0: the paper's block x + SiLU(Wx+b); r: an MLP block of width r * hidden
     head_vocab: int = 0  # 0: heads score the whole vocabulary; M: only the M tokens the base writes most
     head_target: str = "hard"  # "hard": the label; "soft": the base's top-8 distribution (Hydra's teacher loss)
+    hydra_train_steps: int = 0  # steps for the sequential heads (hydra_config); 0 = train_steps
     label_source: str = "greedy"  # "greedy": the base's own continuation, where the data follows it; "base": the
     # base's argmax everywhere; "data": the data's tokens (see train.head_targets)
     loss_decay: float = 0.8  # head k weighted decay**k (Medusa-2 recipe; 1.0 = legacy trainer)
@@ -61,20 +62,21 @@ class WorkbookConfig:
     topk: int = 10  # candidates taken per head (TOPK in the design notes)
     int8_heads: bool = True  # int8 heads graph: 4x fewer bytes to read; the fp32 base still decides every token
     tree_nodes: int = 24  # node budget for the sparse tree, root excluded
+    lookup_tokens: int = 4  # prompt-lookup candidates added under the root when the text repeats (hydra_pld)
     max_new_tokens: int = 128
     kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
     threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
     # --- benchmark (notebook 06) -------------------------------------------------------------
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
-    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree")
+    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
     cost_curve_sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
     def __post_init__(self):
         problems = [f"{name} must be at least {low}, not {getattr(self, name)!r}" for name, low in (
             ("num_heads", 1), ("num_layers", 1), ("train_steps", 1), ("batch_positions", 1), ("eval_every", 1),
             ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1),
-            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0)) if not getattr(self, name) >= low]
+            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0), ("lookup_tokens", 0), ("hydra_train_steps", 0)) if not getattr(self, name) >= low]
         if self.token_inputs not in ("none", "root", "path"):
             problems.append(f"token_inputs must be 'none', 'root' or 'path', not {self.token_inputs!r}")
         if self.head_target not in ("hard", "soft"):
@@ -128,6 +130,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         num_heads=4,
         num_layers=2,  # 2 blocks: head 0 top-1 0.303 vs 0.286 for 1 block (750-step sweep)
         train_steps=1500,  # ~14 min on 2 cores in bf16: each head-row costs a 49k-vocabulary softmax
+        hydra_train_steps=3000,  # head 0 top-1 0.402 / 0.449 at 900 / 1500 steps, still rising; ~0.37 s a step in fp32
         batch_positions=128,
         eval_every=150,
         eval_positions=4096,
@@ -143,6 +146,11 @@ PRESETS: dict[str, WorkbookConfig] = {
 # The workbook's extension beside Medusa-1 (notebook 02 trains both; notebook 06 races them): heads
 # that see the root and the drafted path, wider blocks, and a vocabulary cut to what the base writes.
 HYDRA = dict(token_inputs="path", block_expansion=4, head_vocab=8192)
+
+
+def hydra_config(cfg: "WorkbookConfig") -> "WorkbookConfig":
+    """cfg with the sequential heads' settings (HYDRA, and hydra_train_steps when set)."""
+    return cfg.replace(**HYDRA, train_steps=cfg.hydra_train_steps or cfg.train_steps)
 
 # The settings a training run depends on: two runs that differ in any of them get their own folder
 # (train.run_dir), so no run overwrites another's heads.

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, causal_bias, io_names, read_export_info
-from medusa_lib.tree import PAD, TreeBuffers
+from medusa_lib.tree import PAD, TreeBuffers, prompt_lookup, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
@@ -217,6 +217,8 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     head len(p)-1 (the candidate vector of DESIGN_NOTES.md). Sequential heads: depth by depth, one
     call per depth batched over that depth's parents; a node takes rank p[-1] of its head given its
     own parent path."""
+    if not tree.paths:  # no heads' nodes (a tree of the root and a prompt-lookup chain only)
+        return np.full(tree.size, root, dtype=np.int64)
     if rt.info.get("token_inputs") == "path":
         return propose_sequential(rt, root, hidden, tree)
     ids, _ = run_heads(rt, hidden, root)  # (K, topk)
@@ -308,6 +310,8 @@ def check_request(rt: OrtRuntime, prompt: np.ndarray, max_new_tokens: int, tempe
 def check_tree(rt: OrtRuntime, tree: TreeBuffers) -> None:
     """A tree must fit the exported heads: there must be heads, and its topk and depth must match."""
     info = rt.info
+    if not tree.paths:  # the root (and a prompt-lookup chain) only: no heads needed
+        return
     if not rt.heads:
         raise ValueError(f"A {tree.size}-node tree was given but this runtime has no heads (heads graph missing from "
                          f"the export, or loaded with with_heads=False): export heads (notebook 04) or decode plainly "
@@ -315,23 +319,28 @@ def check_tree(rt: OrtRuntime, tree: TreeBuffers) -> None:
     if tree.topk != info["topk"]:
         raise ValueError(f"The tree was built for topk={tree.topk} but the heads were exported with topk={info['topk']}: "
                          f"rebuild the tree with topk={info['topk']} (notebook 03) or re-export with topk={tree.topk}.")
-    if tree.depth > info["num_heads"]:
-        raise ValueError(f"The tree is {tree.depth} deep but the export has {info['num_heads']} heads: "
+    if tree.heads_depth > info["num_heads"]:
+        raise ValueError(f"The tree is {tree.heads_depth} deep but the export has {info['num_heads']} heads: "
                          f"use a tree of depth <= {info['num_heads']}.")
 
 
 def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, seed: int = 0, eos_token_ids=None) -> tuple[list[int], DecodeStats]:
+             temperature: float = 0.0, seed: int = 0, eos_token_ids=None, lookup: int = 0) -> tuple[list[int], DecodeStats]:
     """Decode from `prompt_ids`. With a tree and heads: Medusa; without: plain greedy (or sampling).
+    `lookup` > 0 adds a chain of that many prompt-lookup candidates under the root on the steps where
+    the text's last n-gram occurred before (tree.with_lookup); it needs a tree (a root-only one will do).
 
     Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
     check_request(rt, prompt, max_new_tokens, temperature)
     eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else eos_token_ids)
-    medusa = tree is not None and tree.size > 1
+    if lookup and tree is None:
+        raise ValueError("lookup needs a tree: pass build_tree([], topk, num_heads) for prompt lookup alone.")
+    medusa = tree is not None and (tree.size > 1 or lookup > 0)
     if medusa:
         check_tree(rt, tree)
-    N = tree.size if medusa else 1
+    looked = with_lookup(tree, lookup) if medusa else None
+    N = looked.size if medusa else 1
     if N > rt.logits_buf.shape[1]:
         raise ValueError(f"The tree has {N} nodes but the runtime was loaded with max_nodes={rt.logits_buf.shape[1]}.")
     if len(prompt) + N > rt.capacity:
@@ -356,12 +365,16 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             break
         t = time.perf_counter()
         if medusa:
-            tree_tokens = propose(rt, root, hidden, tree)  # 2
+            follow = prompt_lookup(np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]), lookup) if lookup else None
+            step_tree = tree if follow is None else looked  # the lookup chain only when the text repeats itself
+            tree_tokens = propose(rt, root, hidden, step_tree)  # 2
+            if follow is not None:
+                tree_tokens[step_tree.lookup_nodes] = follow
             t_heads = time.perf_counter(); split["heads"] += t_heads - t
-            logits, hiddens = verify(rt, tree_tokens, tree, n)  # 3
+            logits, hiddens = verify(rt, tree_tokens, step_tree, n)  # 3
             t_verify = time.perf_counter(); split["verify"] += t_verify - t_heads
-            row, L, next_root = accept(tree_tokens, logits, tree, temperature, rng)  # 4
-            nodes = tree.retrieve_indices[row, : L + 1]  # (L+1,)
+            row, L, next_root = accept(tree_tokens, logits, step_tree, temperature, rng)  # 4
+            nodes = step_tree.retrieve_indices[row, : L + 1]  # (L+1,)
             t_accept = time.perf_counter(); split["accept"] += t_accept - t_verify
             compact(rt, nodes, n)  # 5
             split["compact"] += time.perf_counter() - t_accept

@@ -26,3 +26,59 @@ def save(fig, name: str, cfg: WorkbookConfig) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1):
+    """Eval curves of several training runs, one panel per head: `logs` maps a run's name to its
+    log.csv DataFrame (train.read_log). Returns the figure."""
+    import pandas as pd
+
+    evals = {name: log[log.split == "eval"] for name, log in logs.items()}
+    all_heads = sorted({int(h) for ev in evals.values() for h in ev["head"].unique()})
+    heads = [h for h in all_heads if heads is None or h in heads]
+    fig, axes = figure(ncols=max(1, len(heads)), width=3.4)
+    axes = list(axes) if len(heads) > 1 else [axes]
+    for ax, h in zip(axes, heads):
+        for name, ev in evals.items():
+            g = ev[ev["head"] == h]
+            if len(g):
+                ax.plot(g.step, pd.to_numeric(g[metric]).rolling(smooth, min_periods=1).mean(), label=name)
+        ax.set_title(f"head {h} (t+{h + 2})"); ax.set_xlabel("step")
+    axes[0].set_ylabel(f"eval {metric}")
+    axes[-1].legend(fontsize=7)
+    return fig
+
+
+def draw_tree(ax, tree, labels=None, accepted=(), rejected=()):
+    """A candidate tree with the root on top and every child under its parent (x: leaves in
+    depth-first order, a parent centred over its children, so no edges cross). `labels` (N,) names
+    the nodes (tokens; default: their rank); `accepted` nodes are green, `rejected` ones (not the
+    base's choice after their parent) red, the rest blue."""
+    children = {j: [] for j in range(tree.size)}
+    for j, p in enumerate(tree.paths, start=1):
+        children[0 if len(p) == 1 else tree.paths.index(p[:-1]) + 1].append(j)
+    x, next_leaf = {}, [0]
+
+    def place(j):
+        for c in children[j]:
+            place(c)
+        if children[j]:
+            x[j] = sum(x[c] for c in children[j]) / len(children[j])
+        else:
+            x[j], next_leaf[0] = next_leaf[0], next_leaf[0] + 1
+
+    place(0)
+    for j, kids in children.items():
+        for c in kids:
+            ax.plot([x[j], x[c]], [-tree.positions[j], -tree.positions[c]], color="#bbb", zorder=1)
+    for j in range(tree.size):
+        color = "#55a868" if j in accepted else "#c44e52" if j in rejected else "#4c72b0"
+        text = labels[j] if labels is not None else ("root" if j == 0 else f"r{tree.paths[j - 1][-1]}")
+        ax.annotate(text, (x[j], -tree.positions[j]), ha="center", va="center", fontsize=7, zorder=3,
+                    bbox=dict(boxstyle="round,pad=0.25", fc=color, ec="none", alpha=0.9), color="w")
+    ax.set_xlim(-0.7, max(next_leaf[0] - 0.3, 0.7))
+    ax.set_ylim(-tree.depth - 0.6, 0.6)
+    ax.set_yticks([-d for d in range(tree.depth + 1)], ["root"] + [f"depth {d}" for d in range(1, tree.depth + 1)])
+    ax.set_xticks([])
+    ax.grid(False)
+    return ax

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from medusa_lib.config import HYDRA, PRESETS, RUN_FIELDS, WorkbookConfig, get_config
+from medusa_lib.config import PRESETS, RUN_FIELDS, WorkbookConfig, get_config, hydra_config
 from medusa_lib.files import atomic_path, fingerprint, read_json, write_json
 from medusa_lib.heads import HeadsConfig, MedusaHeads, save_heads
 
@@ -450,11 +450,10 @@ def training_examples(cfg: WorkbookConfig, tokenizer, split: str) -> list[dict]:
 
 def run_dir(cfg: WorkbookConfig) -> Path:
     """The folder a training run with cfg's settings writes: data/<preset>/heads for the preset's own
-    settings, data/<preset>/hydra for the preset with the sequential heads (HYDRA), otherwise
+    settings, data/<preset>/hydra for the preset's sequential heads (config.hydra_config), otherwise
     data/<preset>/runs/<the settings that differ>, e.g. runs/num_heads-3_train_steps-200."""
     preset = PRESETS.get(cfg.name, cfg)
-    for name, changes in (("heads", {}), ("hydra", HYDRA)):
-        reference = preset.replace(**changes)
+    for name, reference in (("heads", preset), ("hydra", hydra_config(preset))):
         if all(getattr(cfg, f) == getattr(reference, f) for f in RUN_FIELDS):
             return cfg.data_dir / name
     differs = [f"{f}-{getattr(cfg, f)}" for f in RUN_FIELDS if getattr(cfg, f) != getattr(preset, f)]
@@ -499,6 +498,22 @@ def run_training(cfg: WorkbookConfig, model=None, tokenizer=None, on_eval=None, 
     return {**result, "out_dir": out}
 
 
+def read_log(folder: str | Path):
+    """A run's log.csv as a DataFrame (columns: step, head, split, loss, acc@1..5, cacc@1..5)."""
+    import pandas as pd
+
+    path = Path(folder) / "log.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: train that run first (notebook 02).")
+    return pd.read_csv(path)
+
+
+def finished_runs(cfg: WorkbookConfig) -> dict[str, Path]:
+    """Every run of this preset with a log: the main one, the sequential heads, and runs/*."""
+    folders = [cfg.data_dir / "heads", cfg.data_dir / "hydra", *sorted((cfg.data_dir / "runs").glob("*"))]
+    return {f.name: f for f in folders if (f / "log.csv").is_file()}
+
+
 def train_job(cfg: WorkbookConfig) -> None:
     """Entry point for accelerate.notebook_launcher: every process loads the base and trains."""
     run_training(cfg)
@@ -515,12 +530,13 @@ def main(argv=None) -> None:
     parser.add_argument("--label-source", choices=["greedy", "base", "data"])
     parser.add_argument("--train-precision", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--train-steps", type=int); parser.add_argument("--base-model")
-    parser.add_argument("--hydra", action="store_true", help="the sequential heads of the preset (config.HYDRA)")
+    parser.add_argument("--hydra", action="store_true", help="the sequential heads of the preset (config.hydra_config)")
     parser.add_argument("--out", help="output folder (default: one per setting, see run_dir)")
     parser.add_argument("--fresh", action="store_true", help="start afresh, replacing the heads in the output folder")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "fresh", "out", "hydra")}
-    cfg = get_config(args.preset, **({**HYDRA, **overrides} if args.hydra else overrides))
+    cfg = get_config(args.preset)
+    cfg = (hydra_config(cfg) if args.hydra else cfg).replace(**overrides)
     result = run_training(cfg, resume=not args.fresh, out_dir=args.out)
     for row in result["log"][-2 * cfg.num_heads:]:
         if row["split"] == "eval":

@@ -11,7 +11,7 @@ node 0 is the root (the base's own next token), node j >= 1 is path j-1 after so
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,8 @@ class TreeBuffers:
     mask: np.ndarray  # (N, N) bool: node i sees node j when j is i or an ancestor of i
     retrieve_indices: np.ndarray  # (R, depth+1) node indices of each leaf path, PAD-padded
     ancestors: np.ndarray  # (N, depth+1) root .. node for every node, PAD-padded
-    levels: tuple[Level, ...]  # depth 1 .. depth
+    levels: tuple[Level, ...]  # heads' depth 1 .. depth
+    lookup_nodes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # (m,) a prompt-lookup chain
 
     @property
     def size(self) -> int:
@@ -48,6 +49,11 @@ class TreeBuffers:
     @property
     def depth(self) -> int:
         return int(self.positions.max())
+
+    @property
+    def heads_depth(self) -> int:
+        """How many heads the tree reads (the prompt-lookup chain reads none)."""
+        return max((len(p) for p in self.paths), default=0)
 
 
 def _rank(r, where: str) -> int:
@@ -110,6 +116,44 @@ def build_tree(paths, topk: int, num_heads: int) -> TreeBuffers:
         rank = [p[-1] for p in paths if len(p) == d]
         levels.append(Level(*(np.array(x, dtype=np.int64) for x in (parents, children, slot, rank))))
     return TreeBuffers(tuple(paths), topk, tree_indices, positions, mask, retrieve, ancestors, tuple(levels))
+
+
+def with_lookup(tree: TreeBuffers, length: int) -> TreeBuffers:
+    """The tree plus a chain of `length` nodes under the root whose tokens are copied from the text
+    so far (prompt lookup, as Hugging Face's prompt_lookup_num_tokens) instead of proposed by the
+    heads. Verified in the same pass; the base decides, so output stays exact."""
+    if length < 1:
+        return tree
+    N, m = tree.size, length
+    nodes = np.arange(N, N + m)
+    positions = np.concatenate([tree.positions, np.arange(1, m + 1)])
+    mask = np.zeros((N + m, N + m), dtype=bool)
+    mask[:N, :N] = tree.mask
+    mask[N:, 0] = True
+    mask[N:, N:] = np.tril(np.ones((m, m), dtype=bool))  # each lookup node sees the ones before it
+    width = max(tree.retrieve_indices.shape[1], m + 1)
+    retrieve = np.full((tree.retrieve_indices.shape[0] + 1, width), PAD, dtype=np.int64)
+    retrieve[:-1, : tree.retrieve_indices.shape[1]] = tree.retrieve_indices
+    retrieve[-1, : m + 1] = np.concatenate([[0], nodes])
+    ancestors = np.full((N + m, width), PAD, dtype=np.int64)
+    ancestors[:N, : tree.ancestors.shape[1]] = tree.ancestors
+    for i in range(m):
+        ancestors[N + i, : i + 2] = np.concatenate([[0], nodes[: i + 1]])
+    return replace(tree, tree_indices=np.concatenate([tree.tree_indices, np.zeros(m, dtype=np.int64)]), positions=positions,
+                   mask=mask, retrieve_indices=retrieve, ancestors=ancestors, lookup_nodes=nodes)
+
+
+def prompt_lookup(history: np.ndarray, length: int, max_ngram: int = 3) -> np.ndarray | None:
+    """The `length` tokens that followed the last earlier occurrence of the text's final n-gram
+    (n = max_ngram .. 1), padded with their last token; None when no n-gram recurs."""
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        suffix = history[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)  # (len-n, n): every earlier n-gram
+        hits = np.nonzero((windows == suffix).all(axis=1))[0]
+        if len(hits):
+            follow = history[hits[-1] + n: hits[-1] + n + length]
+            return np.pad(follow, (0, length - len(follow)), mode="edge")
+    return None
 
 
 def chain_paths(depth: int) -> list[tuple[int, ...]]:

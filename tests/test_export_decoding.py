@@ -231,3 +231,16 @@ def test_export_info_with_a_missing_key_is_named(exported, tmp_path):
     (copy / "export_info.json").write_text(json.dumps(info))
     with pytest.raises(ValueError, match=r"export_info.json lacks \['kv_heads'\].*re-export"):
         load_runtime(copy, capacity=64)
+
+
+def test_prompt_lookup_chain_is_lossless_and_accepts_copied_text(tiny_llama, rt):
+    from medusa_lib.tree import prompt_lookup
+    prompt = [90, 1, 90, 1, 90, 1, 90, 1]  # a text that repeats itself
+    ref = hf_greedy(tiny_llama, prompt, 30)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    for t, lookup in ((tree, 4), (build_tree([], topk=4, num_heads=3), 3)):  # with the heads, and prompt lookup alone
+        out, stats = generate(rt, prompt, t, 30, eos_token_ids=[], lookup=lookup)
+        assert out == ref
+    assert prompt_lookup(np.array([5, 6, 7, 8, 6, 7]), 3).tolist() == [8, 6, 7]  # after the earlier "6 7"
+    assert prompt_lookup(np.array([5, 6, 7, 8, 9, 1, 6, 7]), 3).tolist() == [8, 9, 1]
+    assert prompt_lookup(np.array([1, 2, 3]), 2) is None

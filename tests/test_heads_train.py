@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from medusa_lib.config import HYDRA, get_config
+from medusa_lib.config import get_config, hydra_config
 from medusa_lib.heads import (HeadsConfig, MedusaHeads, export_medusa_layout, import_medusa_layout, load_heads,
                               save_heads)
 from medusa_lib.train import (IGNORE, TEACHER_TOPK, RunFolderTaken, Targets, build_hidden_cache, evaluate_heads,
@@ -235,7 +235,7 @@ def test_a_run_with_other_settings_never_overwrites_finished_heads(tmp_path):
         train_heads(cfg, torch.randn(V, C), synthetic_cache(), synthetic_cache(seed=1), folder, HeadsConfig(C, V, num_heads=3))
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     tiny = get_config("tiny")
-    assert run_dir(tiny).name == "heads" and run_dir(tiny.replace(**HYDRA)).name == "hydra"
+    assert run_dir(tiny).name == "heads" and run_dir(hydra_config(tiny)).name == "hydra"
     assert run_dir(tiny.replace(num_heads=2, train_steps=30)).relative_to(tiny.data_dir).as_posix() == \
         "runs/num_heads-2_train_steps-30"
 
