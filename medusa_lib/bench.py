@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_lib.config import WorkbookConfig, get_config, hydra_config
+from medusa_lib.config import WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
@@ -336,6 +336,8 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
     if "ort" not in methods:
         methods.insert(0, "ort")
+    if questions is None and cfg.bench_questions:
+        questions = Path(cfg.bench_questions) if Path(cfg.bench_questions).is_absolute() else repo_root() / cfg.bench_questions
     qs = load_questions(questions, cfg, limit)
     runner = Methods(cfg, methods, export_dir, tree_paths, threads, hydra_dir, hydra_tree_paths)
     warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
@@ -380,6 +382,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0]},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
+                           "questions": str(questions) if questions else "held-out ShareGPT (eval split)",
                            "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads,
                            "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
                            "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None}}

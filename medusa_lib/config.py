@@ -67,6 +67,7 @@ class WorkbookConfig:
     kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
     threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
     # --- benchmark (notebook 06) -------------------------------------------------------------
+    bench_questions: str | None = None  # question.jsonl (Spec-Bench / MT-bench format); None = the held-out ShareGPT prompts
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
     bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -137,7 +138,8 @@ PRESETS: dict[str, WorkbookConfig] = {
         tree_nodes=24,
         max_new_tokens=128,
         kv_capacity=2048,
-        bench_prompts=24,
+        bench_questions="static/questions.jsonl",  # 13 categories x 2 prompts written for this workbook, not ShareGPT
+        bench_prompts=26,
         bench_max_new_tokens=128,
     ),
 }

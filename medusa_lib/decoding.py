@@ -122,11 +122,11 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
             embed = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, C), read only where a step looks
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
     dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
-    L, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
-    names_in, names_out = io_names(L)
+    layers, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
+    names_in, names_out = io_names(layers)
     return OrtRuntime(
         base=base, heads=heads, embed=embed, info=info, device=device, capacity=capacity,
-        cache=torch.zeros(2 * L, 1, capacity, Hkv, D, dtype=dtype, device=device),
+        cache=torch.zeros(2 * layers, 1, capacity, Hkv, D, dtype=dtype, device=device),
         logits_buf=torch.zeros(1, max_nodes, info["vocab_size"], dtype=dtype, device=device),
         hidden_buf=torch.zeros(1, max_nodes, info["hidden_size"], dtype=dtype, device=device),
         np_dtype=np.float16 if dtype == torch.float16 else np.float32, names_in=names_in, names_out=names_out,

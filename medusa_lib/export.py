@@ -159,14 +159,14 @@ def export_base(model, out_dir: str | Path, dtype: torch.dtype = torch.float32) 
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     if next(model.parameters()).dtype != dtype:  # a converted copy: the caller's model stays as it was
         model = copy.deepcopy(model).to(dtype=dtype)
-    L, Hkv, D = kv_shape(model)
+    layers, Hkv, D = kv_shape(model)
     P, T = 3, 2  # example sizes; both axes are dynamic
     device = next(model.parameters()).device
-    past = [torch.zeros(1, P, Hkv, D, dtype=dtype, device=device) for _ in range(2 * L)]
+    past = [torch.zeros(1, P, Hkv, D, dtype=dtype, device=device) for _ in range(2 * layers)]
     ids = torch.zeros(1, T, dtype=torch.long, device=device)
     pos = torch.arange(P, P + T, device=device)[None]
     bias = torch.from_numpy(causal_bias(P, T)).to(device=device, dtype=dtype)
-    names_in, names_out = io_names(L)
+    names_in, names_out = io_names(layers)
     dynamic = {"input_ids": {1: "T"}, "position_ids": {1: "T"}, "attention_bias": {2: "T", 3: "P_plus_T"},
                "logits": {1: "T"}, "hidden_states": {1: "T"}}
     dynamic.update({n: {1: "P"} for n in names_in[3:]})
@@ -243,10 +243,10 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         if heads.config.token_inputs != "none":
             table = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, C)
             np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
-    L, Hkv, D = kv_shape(model)
+    layers, Hkv, D = kv_shape(model)
     config = heads.config if heads is not None else None
     info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files]}, "topk": topk,
-            "dtype": "float16" if fp16 else "float32", "num_layers": L,
+            "dtype": "float16" if fp16 else "float32", "num_layers": layers,
             "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
             "vocab_size": model.get_output_embeddings().weight.shape[0],
             "num_heads": config.num_heads if config else 0,
@@ -299,8 +299,8 @@ def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[
     rows = [{"check": "prefill, last position: ORT vs Hugging Face", "tokens": P,
              "max_abs_diff": float((ort_last.float().cpu() - hf[-1]).abs().max())}]
     ort_tree = verify(rt, tree_tokens, tree, P)[0].float().cpu().clone()  # (N, V)
-    L, Hkv, D = kv_shape(model)
-    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * L)]
+    layers, Hkv, D = kv_shape(model)
+    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * layers)]
     bias = np.zeros((1, 1, len(tree_tokens), P + len(tree_tokens)), dtype=np.float32)
     bias[0, 0, :, P:] = np.where(tree.mask, 0.0, MASKED)
     torch_tree = TreeStep(model)(torch.from_numpy(tree_tokens)[None].to(device),

@@ -2,7 +2,7 @@
 workbook's extension: heads that also see tokens (DESIGN_NOTES.md, "Heads that see tokens").
 
 Head k (0-based) at position t predicts the token at t+2+k (the base's lm_head predicts t+1).
-Medusa-1 (`token_inputs="none"`): L residual blocks x + SiLU(W x + b), W and b zero-initialised so
+Medusa-1 (`token_inputs="none"`): num_layers residual blocks x + SiLU(W x + b), W and b zero-initialised so
 a fresh block is the identity, then a vocabulary layer: the base's frozen lm_head ("shared") or one
 of its own initialised from it ("own"). Every block is its own module (never `[block] * n`).
 
@@ -233,23 +233,23 @@ def load_heads(head_dir: str | Path, model=None, num_heads: int | None = None) -
 def export_medusa_layout(heads: MedusaHeads, out_dir: str | Path, base_lm_head: torch.Tensor,
                          base_model: str = "") -> Path:
     """Write FasterDecoding's layout: keys '{k}.{j}.linear.weight/bias' for block j of head k and
-    '{k}.{L}.weight' for its vocabulary layer (the shared lm_head is copied into each head)."""
+    '{k}.{layers}.weight' for its vocabulary layer (the shared lm_head is copied into each head)."""
     if not heads.config.classic:
         raise ValueError("The FasterDecoding layout holds only the paper's Medusa-1 heads (token_inputs='none', "
                          "block_expansion=0, head_vocab=0); save these heads with save_heads instead.")
     out_dir = Path(out_dir)
-    L = heads.config.num_layers
+    layers = heads.config.num_layers
     tensors = {}
     for k, blocks in enumerate(heads.blocks):
         for j, block in enumerate(blocks):
             tensors[f"{k}.{j}.linear.weight"] = block.linear.weight.detach().cpu().contiguous()
             tensors[f"{k}.{j}.linear.bias"] = block.linear.bias.detach().cpu().contiguous()
         vocab = heads.lm_heads[k].weight if heads.lm_heads is not None else base_lm_head
-        tensors[f"{k}.{L}.weight"] = vocab.detach().cpu().contiguous().clone()
+        tensors[f"{k}.{layers}.weight"] = vocab.detach().cpu().contiguous().clone()
     with atomic_path(out_dir / MEDUSA_WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp))
     write_json(out_dir / MEDUSA_CONFIG_FILE, {
-        "medusa_num_heads": heads.config.num_heads, "medusa_num_layers": L,
+        "medusa_num_heads": heads.config.num_heads, "medusa_num_layers": layers,
         "hidden_size": heads.config.hidden_size, "vocab_size": heads.config.vocab_size,
         "base_model_name_or_path": base_model or heads.config.base_model,
     })
@@ -265,7 +265,7 @@ def import_medusa_layout(medusa_dir: str | Path, base_lm_head: torch.Tensor | No
         raise FileNotFoundError(f"{medusa_dir} needs {MEDUSA_CONFIG_FILE} and {MEDUSA_WEIGHTS_FILE} (FasterDecoding Medusa layout).")
     try:
         cfg = json.loads(cfg_path.read_text())
-        K, L = int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"])
+        K, layers = int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{cfg_path} is not a Medusa config ({err!r} missing or unreadable): it needs "
                          f"medusa_num_heads and medusa_num_layers.") from None
@@ -273,17 +273,17 @@ def import_medusa_layout(medusa_dir: str | Path, base_lm_head: torch.Tensor | No
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{w_path} is damaged or truncated ({err}).") from None
-    expected = {f"{k}.{j}.linear.{p}" for k in range(K) for j in range(L) for p in ("weight", "bias")}
-    expected |= {f"{k}.{L}.weight" for k in range(K)}
+    expected = {f"{k}.{j}.linear.{p}" for k in range(K) for j in range(layers) for p in ("weight", "bias")}
+    expected |= {f"{k}.{layers}.weight" for k in range(K)}
     missing = sorted(expected - tensors.keys())
     extra = sorted(tensors.keys() - expected)
     if missing or extra:
-        raise ValueError(f"{w_path} does not match {cfg_path} ({K} heads x {L} layers): missing {missing[:3]}, "
+        raise ValueError(f"{w_path} does not match {cfg_path} ({K} heads x {layers} layers): missing {missing[:3]}, "
                          f"unexpected {extra[:3]}. Fix medusa_num_heads / medusa_num_layers or use the matching weights.")
-    vocab_layers = [tensors[f"{k}.{L}.weight"] for k in range(K)]
+    vocab_layers = [tensors[f"{k}.{layers}.weight"] for k in range(K)]
     V, C = vocab_layers[0].shape
     shared = base_lm_head is not None and all(torch.equal(w, base_lm_head.cpu()) for w in vocab_layers)
-    config = HeadsConfig(hidden_size=C, vocab_size=V, num_heads=K, num_layers=L,
+    config = HeadsConfig(hidden_size=C, vocab_size=V, num_heads=K, num_layers=layers,
                          head_output="shared" if shared else "own",
                          base_model=cfg.get("base_model_name_or_path", ""))
     heads = MedusaHeads(config)

@@ -2,8 +2,10 @@
 
 Executed copies go to data/<preset>/executed/, never over the committed notebooks. The preset
 comes from $WORKBOOK_PRESET (default "full"), which each notebook's parameters cell reads.
+`--commit-outputs` then copies the executed outputs into notebooks/ (what the repository shows),
+without progress bars, widget state or this machine's absolute paths (`make outputs`).
 
-    python -m medusa_lib.run_all
+    python -m medusa_lib.run_all [--commit-outputs]
 """
 
 from __future__ import annotations
@@ -40,6 +42,37 @@ def run_notebooks(preset: str | None = None) -> dict:
     return {"cfg": cfg, "timings": timings, "out_dir": out_dir}
 
 
+def clean_outputs(nb, root: str) -> None:
+    """Outputs fit to commit: progress bars and warnings (stderr) dropped, widgets shown by their text,
+    absolute paths made relative to the repository."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                continue
+            data = out.get("data")
+            if data is not None:
+                data.pop("application/vnd.jupyter.widget-view+json", None)
+                if not data:
+                    continue
+            kept.append(out)
+        text = nbformat.writes(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=kept)]))
+        cell.outputs = nbformat.reads(text.replace(root + "/", "").replace(root, "."), as_version=4).cells[0].outputs
+    nb.metadata.pop("widgets", None)
+
+
+def commit_outputs(out_dir) -> None:
+    root = str(repo_root())
+    for path in sorted(out_dir.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        clean_outputs(nb, root)
+        with atomic_path(repo_root() / "notebooks" / path.name) as tmp:
+            nbformat.write(nb, str(tmp))
+        print(f"outputs committed: notebooks/{path.name}")
+
+
 def summary(cfg, timings: dict) -> None:
     print("\n=== Workbook run:", cfg.name, "preset ===")
     for name, secs in timings.items():
@@ -57,8 +90,11 @@ def summary(cfg, timings: dict) -> None:
 
 
 def main() -> None:
-    run = run_notebooks(sys.argv[1] if len(sys.argv) > 1 else None)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    run = run_notebooks(args[0] if args else None)
     summary(run["cfg"], run["timings"])
+    if "--commit-outputs" in sys.argv:
+        commit_outputs(run["out_dir"])
 
 
 if __name__ == "__main__":
