@@ -90,6 +90,16 @@ def execution_providers(provider: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _session_options(threads: int = 0, spin: bool = False) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    # ORT's workers otherwise spin after each run and starve the loop's own small steps (accept,
+    # compact) of the few CPU cores: measured on 2 cores, a Medusa step went from ~215 to ~120 ms.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return options
+
+
 def _session(path: Path, options, providers) -> ort.InferenceSession:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: re-export (notebook 04, or --heads DIR exports a checkpoint).")
@@ -108,12 +118,7 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
                          f"(got {capacity}, {max_nodes}, {threads}).")
     info = read_export_info(export_dir)
     providers = execution_providers(provider)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    # ORT's workers otherwise spin after each run and starve the loop's own small steps (accept,
-    # compact) of the few CPU cores: measured on 2 cores, a Medusa step went from ~215 to ~120 ms.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options = _session_options(threads, spin)
     base = _session(export_dir / BASE_FILE, options, providers)
     heads, embed = [], None
     if with_heads:
@@ -140,10 +145,7 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
     for key in ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "dtype"):
         if info[key] != rt.info[key]:
             raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = rt.base.get_providers()
+    options, providers = _session_options(), rt.base.get_providers()
     heads = [_session(Path(export_dir) / name, options, providers) for name in info["files"].get("heads", [])]
     embed = np.load(Path(export_dir) / EMBED_FILE, mmap_mode="r") if info.get("token_inputs", "none") != "none" else None
     return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (
