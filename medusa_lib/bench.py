@@ -30,7 +30,7 @@ import numpy as np
 from medusa_lib.config import WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
-from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, load_tree, rank_accuracy, save_tree
+from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, save_tree
 
 ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
 ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")

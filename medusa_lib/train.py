@@ -366,9 +366,8 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     embed = embed.to(accelerator.device) if embed is not None else None
 
     # 3b. the data: every labelled training position, a fixed sample of eval positions
-    scored_ids = vocab_ids
-    train = make_targets(train_cache, K, cfg.label_source, scored_ids)
-    evals = make_targets(eval_cache, K, "greedy", scored_ids)  # what acceptance checks
+    train = make_targets(train_cache, K, cfg.label_source, vocab_ids)
+    evals = make_targets(eval_cache, K, "greedy", vocab_ids)  # what acceptance checks
     if len(train.rows) == 0 or len(evals.rows) == 0:
         raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
     evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])

@@ -10,7 +10,6 @@ node 0 is the root (the base's own next token), node j >= 1 is path j-1 after so
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
