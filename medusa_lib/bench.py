@@ -84,7 +84,7 @@ def prompt_ids(tokenizer, question: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Tree sized for the hardware
 
-def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 5) -> dict[int, float]:
+def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 9) -> dict[int, float]:
     """Seconds for one base forward of T tokens on top of `prefix` cached tokens, per T (median)."""
     from medusa_lib.decoding import run_base
 
@@ -380,7 +380,9 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     result = {"methods": {}, "categories": {}, "time_split": {k: dict(v) for k, v in split.items()}, "notes": notes,
               "divergences_from_ort": divergences,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0]},
+                          "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0],
+                          "gpu": runner.torch.cuda.get_device_name(0) if runner.rt.device.type == "cuda" else None,
+                          "graph_dtype": runner.info["dtype"]},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
                            "questions": str(questions) if questions else "held-out ShareGPT (eval split)",
                            "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads,
@@ -426,11 +428,18 @@ def main(argv=None) -> None:
     p.add_argument("--tree"); p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
     p.add_argument("--hydra-tree", help="tree for the sequential heads (default: data/<preset>/trees/tree_hydra*.json)")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--cost-curve", action="store_true", help="also measure ms per verification pass at the preset's cost_curve_sizes")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)
     out = check_out_path(a.out if a.out else cfg.data_dir / "bench" / "results.json")
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
                            a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree)
+    if a.cost_curve:
+        from medusa_lib.decoding import load_runtime
+        rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,
+                          max_nodes=max(cfg.cost_curve_sizes), with_heads=False)
+        result["cost_curve_ms"] = {T: round(s * 1e3, 3) for T, s in verify_cost_curve(rt, cfg.cost_curve_sizes).items()}
+        print("ms per verification pass:", result["cost_curve_ms"])
     import pandas as pd
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(results_table(result).to_string(float_format=lambda x: f"{x:.2f}"))

@@ -2,7 +2,8 @@
 
 Every notebook reads `get_config()`; the preset name comes from the notebook's `parameters` cell
 or, if that is left as None, from the environment variable WORKBOOK_PRESET (default "full").
-CI sets WORKBOOK_PRESET=tiny.
+CI sets WORKBOOK_PRESET=tiny. Presets: "tiny" (CI), "full" (2 CPU cores, the real run), "gpu"
+(one H100/H200-class GPU).
 
     cfg = get_config("tiny", num_heads=3)   # any field can be overridden by keyword
 """
@@ -10,11 +11,13 @@ CI sets WORKBOOK_PRESET=tiny.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 PRESET_ENV = "WORKBOOK_PRESET"
+OVERRIDES_ENV = "WORKBOOK_OVERRIDES"  # JSON object of field overrides (smoke tests: a preset at tiny sizes)
 DATA_ENV = "WORKBOOK_DATA"  # root of generated artefacts (default: <repo>/data), one folder per preset
 
 
@@ -46,6 +49,7 @@ class WorkbookConfig:
     head_vocab: int = 0  # 0: heads score the whole vocabulary; M: only the M tokens the base writes most
     head_target: str = "hard"  # "hard": the label; "soft": the base's top-8 distribution (Hydra's teacher loss)
     hydra_train_steps: int = 0  # steps for the sequential heads (hydra_config); 0 = train_steps
+    widget_steps: int = 300  # steps a click on Train in notebook 02 runs by default
     label_source: str = "greedy"  # "greedy": the base's own continuation, where the data follows it; "base": the
     # base's argmax everywhere; "data": the data's tokens (see train.head_targets)
     loss_decay: float = 0.8  # head k weighted decay**k (Medusa-2 recipe; 1.0 = legacy trainer)
@@ -59,8 +63,11 @@ class WorkbookConfig:
     cache_batch_tokens: int = 4096  # tokens per forward when caching hidden states
     train_records: int = 0  # records cached for training (0 = all of the train split)
     # --- tree and decoding (notebooks 03-06) -------------------------------------------------
-    topk: int = 10  # candidates taken per head (TOPK in the design notes)
+    topk: int = 5  # candidates each head offers (TOPK in the design notes): the 5 ranks whose accuracy training
+    # measures (train.SCORED_RANKS), since trees are built from those accuracies and never use a rank beyond them
     int8_heads: bool = True  # int8 heads graph: 4x fewer bytes to read; the fp32 base still decides every token
+    export_dtype: str = "auto"  # ONNX graphs' float type: "auto" = float16 where ONNX Runtime's CUDA provider is
+    # usable, else float32; or "float32" / "float16" (Medusa stays lossless relative to the exported base)
     tree_nodes: int = 24  # node budget for the sparse tree, root excluded
     lookup_tokens: int = 4  # prompt-lookup candidates added under the root when the text repeats (hydra_pld)
     max_new_tokens: int = 128
@@ -71,15 +78,19 @@ class WorkbookConfig:
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
     bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
-    cost_curve_sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+    cost_curve_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # every small T: on 2 AMD cores a
+    # pass cost 40-43 ms for T = 1..5 and 52 at T = 6 (measured); linear interpolation from 4 to 8 would hide that step
+    figures_dir: str | None = None  # where the notebooks save figures; None = static/<preset> (the README shows static/full)
 
     def __post_init__(self):
         problems = [f"{name} must be at least {low}, not {getattr(self, name)!r}" for name, low in (
             ("num_heads", 1), ("num_layers", 1), ("train_steps", 1), ("batch_positions", 1), ("eval_every", 1),
             ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1),
-            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0), ("lookup_tokens", 0), ("hydra_train_steps", 0)) if not getattr(self, name) >= low]
+            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0), ("lookup_tokens", 0), ("hydra_train_steps", 0), ("widget_steps", 1)) if not getattr(self, name) >= low]
         if self.token_inputs not in ("none", "root", "path"):
             problems.append(f"token_inputs must be 'none', 'root' or 'path', not {self.token_inputs!r}")
+        if self.export_dtype not in ("auto", "float32", "float16"):
+            problems.append(f"export_dtype must be 'auto', 'float32' or 'float16', not {self.export_dtype!r}")
         if self.head_target not in ("hard", "soft"):
             problems.append(f"head_target must be 'hard' or 'soft', not {self.head_target!r}")
         if problems:
@@ -107,6 +118,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         distill_batch_size=4,
         num_heads=3,
         train_steps=60,
+        widget_steps=20,
         warmup_steps=10,
         batch_positions=128,
         eval_every=20,
@@ -127,7 +139,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         distill_train_records=1000,  # prompts tried; ~83% fit in 384 tokens. 1.4-2.8 s a reply on 2 cores
         distill_eval_records=48,
         distill_max_new_tokens=160,
-        distill_batch_size=16,
+        distill_batch_size=32,  # prompts sorted by length: 26.9 replies/min vs 19.3 at 16 and 16.4 at 8 (measured, 2 cores)
         num_heads=4,
         num_layers=2,  # 2 blocks: head 0 top-1 0.303 vs 0.286 for 1 block (750-step sweep)
         train_steps=1500,  # ~14 min on 2 cores in bf16: each head-row costs a 49k-vocabulary softmax
@@ -142,12 +154,45 @@ PRESETS: dict[str, WorkbookConfig] = {
         bench_prompts=26,
         bench_max_new_tokens=128,
     ),
+    # One modern GPU (H100/H200 class), sized by estimate from the CPU runs, not yet measured on a GPU:
+    # what a GPU can afford that 2 cores cannot. Distillation makes ~10x the replies (bf16 generation
+    # in batches of 128), training takes 4x the steps on 8x larger batches, the graphs are fp16 for
+    # ONNX Runtime's CUDA provider, the cost curve reaches T=256 (a GPU verifies a wide tree for about
+    # the price of one token, so notebook 06 sizes a larger tree), and decoding runs 256 tokens.
+    "gpu": WorkbookConfig(
+        name="gpu",
+        max_records=0,
+        max_length=1024,
+        train_records=12000,  # the ~10k self-distilled replies first, then ShareGPT's own
+        distill_train_records=12000,
+        distill_eval_records=200,
+        distill_max_new_tokens=256,
+        distill_batch_size=128,
+        num_heads=4,
+        num_layers=2,
+        train_steps=6000,
+        hydra_train_steps=6000,
+        batch_positions=1024,
+        eval_every=500,
+        eval_positions=16384,
+        cache_batch_tokens=32768,
+        tree_nodes=64,
+        export_dtype="float16",
+        max_new_tokens=256,
+        kv_capacity=4096,
+        bench_questions="static/questions.jsonl",
+        bench_prompts=26,
+        bench_max_new_tokens=256,
+        cost_curve_sizes=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256),
+    ),
 }
 
 
 # The workbook's extension beside Medusa-1 (notebook 02 trains both; notebook 06 races them): heads
-# that see the root and the drafted path, wider blocks, and a vocabulary cut to what the base writes.
-HYDRA = dict(token_inputs="path", block_expansion=4, head_vocab=8192)
+# that see the root and the drafted path, wider blocks, a vocabulary cut to what the base writes, and
+# the base's own top-8 distribution as the target (Hydra's teacher loss). Measured on the full cache at
+# 1,500 steps: head 0 top-1 0.456 / top-5 0.692 with the soft target against 0.449 / 0.657 with hard labels.
+HYDRA = dict(token_inputs="path", block_expansion=4, head_vocab=8192, head_target="soft")
 
 
 def hydra_config(cfg: "WorkbookConfig") -> "WorkbookConfig":
@@ -162,11 +207,30 @@ RUN_FIELDS = ("base_model", "max_length", "train_records", "seed", "num_heads", 
 
 
 def get_config(preset: str | None = None, **overrides) -> WorkbookConfig:
-    """The named preset (or $WORKBOOK_PRESET, default "full") with keyword overrides applied."""
+    """The named preset (or $WORKBOOK_PRESET, default "full") with overrides applied: those in
+    $WORKBOOK_OVERRIDES (a JSON object, e.g. '{"train_steps": 20}': how a smoke test shrinks a preset
+    for every notebook), then the keyword ones."""
     name = preset or os.environ.get(PRESET_ENV, "full")
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
-    return PRESETS[name].replace(**overrides)
+    return PRESETS[name].replace(**{**env_overrides(), **overrides})
+
+
+def env_overrides() -> dict:
+    """Field overrides from $WORKBOOK_OVERRIDES (JSON object), checked against the config's fields."""
+    text = os.environ.get(OVERRIDES_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+        assert isinstance(found, dict)
+    except (json.JSONDecodeError, AssertionError):
+        raise ValueError(f"${OVERRIDES_ENV} must be a JSON object such as '{{\"train_steps\": 20}}', not {text[:80]!r}.") from None
+    fields = {f.name for f in dataclasses.fields(WorkbookConfig)} - {"name"}
+    unknown = sorted(set(found) - fields)
+    if unknown:
+        raise ValueError(f"${OVERRIDES_ENV} names unknown settings {unknown}: see WorkbookConfig in medusa_lib/config.py.")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()}
 
 
 def repo_root() -> Path:

@@ -213,10 +213,10 @@ def _content_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
     return text, spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, last_turn_complete: bool = True) -> dict:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None, last_turn_complete: bool = True) -> dict:
     """input_ids and a loss mask covering exactly the assistant tokens (and the end-of-turn token
     after each reply, except after a last reply that was cut short), cut to `max_length` at a turn
-    boundary where possible.
+    boundary where possible (None: never cut).
 
     Returns {"input_ids", "loss_mask", "cut": None | "turn" | "mid_turn"}."""
     text, spans = _content_spans(tokenizer, messages)
@@ -238,7 +238,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, last
             mask[t] = 1
         turn_end_token.append((min(t, len(ids) - 1), role))
     cut = None
-    if len(ids) > max_length:
+    if max_length is not None and len(ids) > max_length:
         ends = [i + 1 for i, role in turn_end_token if role == "assistant" and i + 1 <= max_length]
         if ends:
             n, cut = ends[-1], "turn"
@@ -248,7 +248,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int, last
     return {"input_ids": ids, "loss_mask": mask, "cut": cut}
 
 
-def tokenize_all(tokenizer, conversations: list[dict], max_length: int, desc: str = "tokenising"):
+def tokenize_all(tokenizer, conversations: list[dict], max_length: int | None, desc: str = "tokenising"):
     """Tokenise many conversations; returns (examples, counts of cuts and template failures)."""
     examples, counts = [], {"cut_at_turn": 0, "cut_mid_turn": 0, "template_mismatch": 0, "no_assistant_tokens": 0}
     for conv in tqdm(conversations, desc=desc, leave=False):
@@ -452,3 +452,34 @@ def prepare_dataset(cfg, model=None, tokenizer=None) -> dict:
                                                         cfg.distill_max_new_tokens, cfg.distill_batch_size)
             result["files"].append(path)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# What the heads are trained on (notebook 01's statistics)
+
+def mix_table(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """The training mix by source (self-distilled replies carry "complete"; ShareGPT's own
+    conversations do not): conversations, tokens before and after the cut at `max_length`, and
+    the tokens the loss sees (assistant tokens)."""
+    table = []
+    for source, group in (("self-distilled", [r for r in rows if "complete" in r]),
+                          ("ShareGPT (ChatGPT's replies)", [r for r in rows if "complete" not in r])):
+        whole, _ = tokenize_all(tokenizer, group, None, desc=f"tokenising {source}")  # the lengths as written
+        kept, counts = tokenize_all(tokenizer, group, max_length, desc=f"tokenising {source}")
+        table.append({"source": source, "conversations": len(kept),
+                      "tokens as written": sum(len(e["input_ids"]) for e in whole),
+                      "tokens kept": sum(len(e["input_ids"]) for e in kept),
+                      "trained tokens": sum(sum(e["loss_mask"]) for e in kept),
+                      "cut at max_length": counts["cut_at_turn"] + counts["cut_mid_turn"]})
+    return table
+
+
+def marked_text(tokenizer, example: dict, mark: str = "«»") -> str:
+    """A tokenised conversation as text, with the tokens the loss sees wrapped in `mark`."""
+    pieces, inside = [], False
+    for token, trained in zip(example["input_ids"], example["loss_mask"]):
+        if trained != inside:
+            pieces.append(mark[0] if trained else mark[1])
+            inside = bool(trained)
+        pieces.append(tokenizer.decode([token]))
+    return "".join(pieces) + (mark[1] if inside else "")

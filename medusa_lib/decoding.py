@@ -16,6 +16,7 @@ With no tree (or no heads) the same loop is plain greedy decoding, one token per
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -26,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, causal_bias, io_names, read_export_info
+from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
 from medusa_lib.tree import PAD, TreeBuffers, prompt_lookup, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
@@ -152,9 +153,10 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
         "files", "topk", "num_heads", "token_inputs", "head_vocab", "int8_heads") if k in info}})
 
 
-def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray, n: int,
+def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray | torch.Tensor, n: int,
              into_buffers: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward T tokens at cache offset n; their K/V land in cache rows n..n+T in place.
+    """Forward T tokens at cache offset n; their K/V land in cache rows n..n+T in place. The bias
+    may be a torch tensor on the runtime's device (bound in place: nothing crosses to the GPU).
 
     Returns (logits (T, V), hidden (T, C)): views of the preallocated buffers, or fresh tensors
     when into_buffers is False (the prefill, whose T can exceed the buffers)."""
@@ -163,7 +165,11 @@ def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.nd
     io = rt.base.io_binding()
     io.bind_cpu_input("input_ids", ids.reshape(1, T).astype(np.int64))
     io.bind_cpu_input("position_ids", positions.reshape(1, T).astype(np.int64))
-    io.bind_cpu_input("attention_bias", bias.astype(rt.np_dtype, copy=False))
+    if isinstance(bias, torch.Tensor):
+        bias = bias.to(device=rt.device, dtype=rt.cache.dtype).contiguous()
+        io.bind_input("attention_bias", dev, dev_id, rt.np_dtype, list(bias.shape), bias.data_ptr())
+    else:
+        io.bind_cpu_input("attention_bias", bias.astype(rt.np_dtype, copy=False))
     if into_buffers:
         io.bind_output("logits", dev, dev_id, rt.np_dtype, [1, T, rt.logits_buf.shape[2]], rt.logits_buf.data_ptr())
         io.bind_output("hidden_states", dev, dev_id, rt.np_dtype, [1, T, rt.hidden_buf.shape[2]], rt.hidden_buf.data_ptr())
@@ -245,8 +251,8 @@ def verify(rt: OrtRuntime, tree_tokens: np.ndarray, tree: TreeBuffers, n: int) -
     """3. One forward of the N tree tokens at positions n + depth, attending to the whole prefix
     and, inside the block, only along the tree mask."""
     N = len(tree_tokens)
-    bias = np.zeros((1, 1, N, n + N), dtype=rt.np_dtype)
-    bias[0, 0, :, n:] = np.where(tree.mask, 0.0, MASKED)  # (N, N) block
+    bias = torch.zeros(1, 1, N, n + N, dtype=rt.cache.dtype, device=rt.device)  # built where ORT reads it
+    bias[0, 0, :, n:] = torch.from_numpy(np.where(tree.mask, 0.0, MASKED)).to(bias)  # (N, N) block
     return run_base(rt, tree_tokens, n + tree.positions, bias, n)  # (N, V), (N, C)
 
 
@@ -294,6 +300,21 @@ def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The loop
+
+class StepClock:
+    """`with clock("verify"): ...` adds the block's wall time to split_s["verify"]."""
+
+    def __init__(self, split_s: dict):
+        self.split_s = split_s
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.split_s[part] += time.perf_counter() - t
+
 
 def check_request(rt: OrtRuntime, prompt: np.ndarray, max_new_tokens: int, temperature: float) -> None:
     """Clear errors for requests the loop cannot serve (instead of a wrong answer or a traceback)."""
@@ -360,34 +381,33 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     stats.prefill_s = time.perf_counter() - t0
     n = len(prompt)
     t_start = time.perf_counter()
-    split = stats.split_s
+    clock = StepClock(stats.split_s)
     while True:
         if n + N > rt.capacity:
             stats.stopped = "capacity"
             break
-        t = time.perf_counter()
         if medusa:
-            follow = prompt_lookup(np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]), lookup) if lookup else None
-            step_tree = tree if follow is None else looked  # the lookup chain only when the text repeats itself
-            tree_tokens = propose(rt, root, hidden, step_tree)  # 2
-            if follow is not None:
-                tree_tokens[step_tree.lookup_nodes] = follow
-            t_heads = time.perf_counter(); split["heads"] += t_heads - t
-            logits, hiddens = verify(rt, tree_tokens, step_tree, n)  # 3
-            t_verify = time.perf_counter(); split["verify"] += t_verify - t_heads
-            row, L, next_root = accept(tree_tokens, logits, step_tree, temperature, rng)  # 4
-            nodes = step_tree.retrieve_indices[row, : L + 1]  # (L+1,)
-            t_accept = time.perf_counter(); split["accept"] += t_accept - t_verify
-            compact(rt, nodes, n)  # 5
-            split["compact"] += time.perf_counter() - t_accept
+            with clock("heads"):  # 2 propose (the lookup chain only on steps where the text repeats itself)
+                follow = prompt_lookup(np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]), lookup) if lookup else None
+                step_tree = tree if follow is None else looked
+                tree_tokens = propose(rt, root, hidden, step_tree)  # (N,)
+                if follow is not None:
+                    tree_tokens[step_tree.lookup_nodes] = follow
+            with clock("verify"):  # 3
+                logits, hiddens = verify(rt, tree_tokens, step_tree, n)  # (N, V), (N, C)
+            with clock("accept"):  # 4
+                row, L, next_root = accept(tree_tokens, logits, step_tree, temperature, rng)
+                nodes = step_tree.retrieve_indices[row, : L + 1]  # (L+1,)
+            with clock("compact"):  # 5
+                compact(rt, nodes, n)
             emitted = tree_tokens[nodes].tolist()
             hidden = hiddens[nodes[-1]].clone()
-        else:
-            one = np.array([root])
-            logits, hiddens = run_base(rt, one, np.array([n]), np.zeros((1, 1, 1, n + 1), rt.np_dtype), n)
-            t_verify = time.perf_counter(); split["verify"] += t_verify - t
-            next_root = next_token(logits[0], temperature, rng)
-            split["accept"] += time.perf_counter() - t_verify
+        else:  # plain decoding: one token per pass
+            with clock("verify"):
+                bias = torch.zeros(1, 1, 1, n + 1, dtype=rt.cache.dtype, device=rt.device)  # (1, 1, 1, n+1): sees all
+                logits, _ = run_base(rt, np.array([root]), np.array([n]), bias, n)  # (1, V)
+            with clock("accept"):
+                next_root = next_token(logits[0], temperature, rng)
             L, emitted = 0, [root]
         stats.steps += 1
         stats.accept_lens.append(L)
@@ -407,3 +427,39 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     stats.decode_s = time.perf_counter() - t_start
     stats.new_tokens = len(out)
     return out, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity of the exported graph with PyTorch (notebook 04, tests)
+
+@torch.no_grad()
+def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[dict]:
+    """Max |Δlogits| of ORT against PyTorch: on the prefill (against the Hugging Face model), on a
+    tree step (against the exported PyTorch module on the same inputs), and for every tree node
+    against the Hugging Face model run on the plain sequence prompt + that node's path."""
+    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    P = len(prompt)
+    device = next(model.parameters()).device
+    hf = model(torch.from_numpy(prompt)[None].to(device)).logits[0].float().cpu()  # (P, V)
+    ort_last, _ = prefill(rt, prompt)
+    rows = [{"check": "prefill, last position: ORT vs Hugging Face", "tokens": P,
+             "max_abs_diff": float((ort_last.float().cpu() - hf[-1]).abs().max())}]
+    ort_tree = verify(rt, tree_tokens, tree, P)[0].float().cpu().clone()  # (N, V)
+    layers, Hkv, D = kv_shape(model)
+    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * layers)]
+    bias = np.zeros((1, 1, len(tree_tokens), P + len(tree_tokens)), dtype=np.float32)
+    bias[0, 0, :, P:] = np.where(tree.mask, 0.0, MASKED)
+    torch_tree = TreeStep(model)(torch.from_numpy(tree_tokens)[None].to(device),
+                                 torch.from_numpy(P + tree.positions)[None].to(device),
+                                 torch.from_numpy(bias).to(device=device, dtype=past[0].dtype), *past)[0][0].float().cpu()
+    rows.append({"check": "tree step: ORT vs PyTorch (same inputs)", "tokens": len(tree_tokens),
+                 "max_abs_diff": float((ort_tree - torch_tree).abs().max())})
+    worst = 0.0
+    for row in tree.retrieve_indices:
+        nodes = row[row >= 0]
+        seq = np.concatenate([prompt, tree_tokens[nodes]])
+        ref = model(torch.from_numpy(seq)[None].to(device)).logits[0, P:].float().cpu()  # (len(nodes), V)
+        worst = max(worst, float((ort_tree[nodes] - ref).abs().max()))
+    rows.append({"check": "tree step: ORT per node vs Hugging Face on prompt + path", "tokens": len(tree_tokens),
+                 "max_abs_diff": worst})
+    return rows

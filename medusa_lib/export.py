@@ -44,7 +44,7 @@ EMBED_FILE = "token_embeddings.npy"
 INFO_KEYS = ("files", "topk", "dtype", "num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "num_heads",
              "eos_token_ids")
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf's 2 GB limit
-MASKED = -1e9  # additive bias for masked positions (finite, so fp16 stays NaN-free after scaling)
+MASKED = -30000.0  # additive bias for masked positions: finite in fp16 (max 65504), and exp() of it is 0
 
 
 def _layers(model):
@@ -237,6 +237,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
     if heads is not None:
         lm_head = model.get_output_embeddings().weight.detach()
         head_files = export_heads(heads.to(device=lm_head.device), lm_head, work, topk, dtype)
+        int8_heads = int8_heads and not fp16  # int8 is for CPU kernels; fp16 graphs are for the GPU
         if int8_heads:
             for path in head_files:
                 quantize_heads(path)
@@ -264,6 +265,15 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
     return info
 
 
+def export_fp16(cfg) -> bool:
+    """cfg.export_dtype resolved: "auto" is float16 where ONNX Runtime's CUDA provider and a GPU are
+    usable (half the bytes per token, tensor cores), float32 otherwise (ORT's CPU kernels are fp32)."""
+    if cfg.export_dtype == "auto":
+        import onnxruntime as ort
+        return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    return cfg.export_dtype == "float16"
+
+
 def read_export_info(export_dir: str | Path) -> dict:
     """export_info.json of an export folder, checked for every key the decoding loop reads."""
     from medusa_lib.files import read_json
@@ -284,41 +294,6 @@ def _eos_ids(model) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
-@torch.no_grad()
-def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[dict]:
-    """Max |Δlogits| of ORT against PyTorch: on the prefill (against the Hugging Face model), on a
-    tree step (against the exported PyTorch module on the same inputs), and for every tree node
-    against the Hugging Face model run on the plain sequence prompt + that node's path."""
-    from medusa_lib.decoding import prefill, verify  # decoding imports this module
-
-    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
-    P = len(prompt)
-    device = next(model.parameters()).device
-    hf = model(torch.from_numpy(prompt)[None].to(device)).logits[0].float().cpu()  # (P, V)
-    ort_last, _ = prefill(rt, prompt)
-    rows = [{"check": "prefill, last position: ORT vs Hugging Face", "tokens": P,
-             "max_abs_diff": float((ort_last.float().cpu() - hf[-1]).abs().max())}]
-    ort_tree = verify(rt, tree_tokens, tree, P)[0].float().cpu().clone()  # (N, V)
-    layers, Hkv, D = kv_shape(model)
-    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * layers)]
-    bias = np.zeros((1, 1, len(tree_tokens), P + len(tree_tokens)), dtype=np.float32)
-    bias[0, 0, :, P:] = np.where(tree.mask, 0.0, MASKED)
-    torch_tree = TreeStep(model)(torch.from_numpy(tree_tokens)[None].to(device),
-                                 torch.from_numpy(P + tree.positions)[None].to(device),
-                                 torch.from_numpy(bias).to(device=device, dtype=past[0].dtype), *past)[0][0].float().cpu()
-    rows.append({"check": "tree step: ORT vs PyTorch (same inputs)", "tokens": len(tree_tokens),
-                 "max_abs_diff": float((ort_tree - torch_tree).abs().max())})
-    worst = 0.0
-    for row in tree.retrieve_indices:
-        nodes = row[row >= 0]
-        seq = np.concatenate([prompt, tree_tokens[nodes]])
-        ref = model(torch.from_numpy(seq)[None].to(device)).logits[0, P:].float().cpu()  # (len(nodes), V)
-        worst = max(worst, float((ort_tree[nodes] - ref).abs().max()))
-    rows.append({"check": "tree step: ORT per node vs Hugging Face on prompt + path", "tokens": len(tree_tokens),
-                 "max_abs_diff": worst})
-    return rows
-
-
 def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
     """The exported ONNX folder for `--heads DIR`: DIR itself when it holds an export, DIR/onnx
     (exported now if missing) when it holds a heads checkpoint, else the workbook's data/<preset>/onnx."""
@@ -337,6 +312,6 @@ def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
             from medusa_lib.heads import load_heads
             model, _ = load_base(cfg.base_model, "cpu", "float32")
             export_medusa(model, load_heads(heads, model), folder, cfg.topk, base_model=cfg.base_model,
-                          int8_heads=cfg.int8_heads)
+                          int8_heads=cfg.int8_heads, fp16=export_fp16(cfg))
         return folder
     raise FileNotFoundError(f"{heads} holds neither an ONNX export ({INFO_FILE}) nor a heads checkpoint (heads_config.json).")

@@ -20,17 +20,23 @@ def figure(ncols: int = 1, width: float = 5.0, height: float = 3.2):
     return fig, axes
 
 
+def figure_dir(cfg: WorkbookConfig) -> Path:
+    """static/<preset>/ (static/full is what the README shows), or cfg.figures_dir when set."""
+    return Path(cfg.figures_dir or repo_root() / "static" / cfg.name)
+
+
 def save(fig, name: str, cfg: WorkbookConfig) -> Path:
-    """Save to static/<preset>/<name>.png (static/full is what the README shows)."""
-    path = repo_root() / "static" / cfg.name / f"{name}.png"
+    """Save to figure_dir(cfg)/<name>.png."""
+    path = figure_dir(cfg) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
 
 
-def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1):
+def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1, with_train: bool = False):
     """Eval curves of several training runs, one panel per head: `logs` maps a run's name to its
-    log.csv DataFrame (train.read_log). Returns the figure."""
+    log.csv DataFrame (train.read_log). `with_train` adds the training loss, dashed (metric "loss"
+    only: the gap between the two is overfitting). Returns the figure."""
     import pandas as pd
 
     evals = {name: log[log.split == "eval"] for name, log in logs.items()}
@@ -42,9 +48,13 @@ def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1):
         for name, ev in evals.items():
             g = ev[ev["head"] == h]
             if len(g):
-                ax.plot(g.step, pd.to_numeric(g[metric]).rolling(smooth, min_periods=1).mean(), label=name)
+                line, = ax.plot(g.step, pd.to_numeric(g[metric]).rolling(smooth, min_periods=1).mean(), label=name)
+            tr = logs[name][(logs[name].split == "train") & (logs[name]["head"] == h)].dropna(subset=["loss"])
+            if with_train and metric == "loss" and len(tr):
+                ax.plot(tr.step, tr["loss"].rolling(smooth, min_periods=1).mean(), ls="--", color=line.get_color(),
+                        label=f"{name} (train)")
         ax.set_title(f"head {h} (t+{h + 2})"); ax.set_xlabel("step")
-    axes[0].set_ylabel(f"eval {metric}")
+    axes[0].set_ylabel("loss: eval solid, train dashed" if with_train and metric == "loss" else f"eval {metric}")
     axes[-1].legend(fontsize=7)
     return fig
 

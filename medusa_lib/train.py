@@ -43,10 +43,10 @@ from medusa_lib.heads import HeadsConfig, MedusaHeads, save_heads
 
 IGNORE = -100  # no label here
 MISS = -1  # a label outside the heads' scored vocabulary: counted as wrong, never trained on
-TOPK_ACC = 5
+SCORED_RANKS = 5  # accuracies are measured for ranks 1..5 (acc@1..5, cacc@1..5); trees use no other ranks
 TEACHER_TOPK = 8  # base logits kept per position for the soft (teacher) target
-CSV_FIELDS = (["step", "head", "split", "loss"] + [f"acc@{k}" for k in range(1, TOPK_ACC + 1)]
-              + [f"cacc@{k}" for k in range(1, TOPK_ACC + 1)])
+CSV_FIELDS = (["step", "head", "split", "loss"] + [f"acc@{k}" for k in range(1, SCORED_RANKS + 1)]
+              + [f"cacc@{k}" for k in range(1, SCORED_RANKS + 1)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +165,34 @@ def head_targets(cache: dict[str, torch.Tensor], num_heads: int, label_source: s
     return positions, labels[positions]  # (P,), (P, K)
 
 
+def label_window(cache: dict[str, torch.Tensor], num_heads: int, length: int = 10) -> tuple[int, int]:
+    """(first row, length) of the first stretch of `length` assistant positions where the `greedy`
+    rule both keeps and drops head 0's label: the example notebook 02 shows as a table."""
+    has, kept = (torch.zeros(cache["tokens"].shape[0], dtype=torch.bool) for _ in range(2))
+    for rule, marks in (("data", has), ("greedy", kept)):  # head 0 has a target at t / keeps it
+        rows, labels = head_targets(cache, num_heads, rule)
+        marks[rows[labels[:, 0] != IGNORE]] = True
+    for t in torch.nonzero(has).squeeze(1).tolist():
+        window = slice(t, t + length)
+        if has[window].all() and kept[window].any() and not kept[window].all():
+            return t, length
+    return int(torch.nonzero(has)[0]), length
+
+
+def label_rows(cache: dict[str, torch.Tensor], num_heads: int, start: int, length: int) -> list[dict]:
+    """Rows t = start .. start+length-1: the token at t, the data's and the base's next token, and the
+    label each head gets at t under `greedy` (None where the rule drops it, IGNORE positions too)."""
+    rows, labels = head_targets(cache, num_heads, "greedy")
+    where = {int(r): i for i, r in enumerate(rows)}
+    out = []
+    for t in range(start, start + length):
+        got = labels[where[t]].tolist() if t in where else [IGNORE] * num_heads
+        out.append({"t": t, "token": int(cache["tokens"][t]), "next (data)": int(cache["tokens"][t + 1]),
+                    "next (base)": int(cache["base_next"][t]),
+                    **{f"head {k} (t+{k + 2})": (None if got[k] == IGNORE else got[k]) for k in range(num_heads)}})
+    return out
+
+
 def path_tokens(cache: dict[str, torch.Tensor], positions: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(P,) positions -> (P, K) the tokens x_{t+1} .. x_{t+K} that heads seeing tokens take (head k
     reads the first k+1). Where head k has a label they are the base's greedy path ("greedy")."""
@@ -247,7 +275,7 @@ def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tens
     count as misses."""
     K = targets.labels.shape[1]
     loss_sum, lcount, count = torch.zeros(K), torch.zeros(K), torch.zeros(K)
-    hits, chits, ccount = torch.zeros(K, TOPK_ACC), torch.zeros(K, TOPK_ACC), torch.zeros(K)
+    hits, chits, ccount = torch.zeros(K, SCORED_RANKS), torch.zeros(K, SCORED_RANKS), torch.zeros(K)
     device = lm_head.device
     for i in range(0, hidden.shape[0], chunk):
         h = hidden[i: i + chunk].to(device=device, dtype=lm_head.dtype)  # (b, C)
@@ -258,7 +286,7 @@ def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tens
         ce = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")  # (b, K)
         trainable = y >= 0
         loss_sum += (ce * trainable).sum(0).cpu()
-        top = logits.topk(TOPK_ACC, dim=-1).indices  # (b, K, 5)
+        top = logits.topk(SCORED_RANKS, dim=-1).indices  # (b, K, 5)
         match = ((top == y.unsqueeze(-1)).cumsum(-1).clamp(max=1) & valid.unsqueeze(-1)).cpu()  # (b, K, 5)
         hits += match.sum(0)
         count += valid.sum(0).cpu()
@@ -271,8 +299,8 @@ def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tens
             reachable &= match[:, k, -1].bool()
     count, ccount, lcount = count.clamp(min=1), ccount.clamp(min=1), lcount.clamp(min=1)
     return [{"head": k, "loss": float(loss_sum[k] / lcount[k]),
-             **{f"acc@{j + 1}": float(hits[k, j] / count[k]) for j in range(TOPK_ACC)},
-             **{f"cacc@{j + 1}": float(chits[k, j] / ccount[k]) for j in range(TOPK_ACC)}} for k in range(K)]
+             **{f"acc@{j + 1}": float(hits[k, j] / count[k]) for j in range(SCORED_RANKS)},
+             **{f"cacc@{j + 1}": float(chits[k, j] / ccount[k]) for j in range(SCORED_RANKS)}} for k in range(K)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,6 +358,50 @@ def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, sch
     return state["step"], [r for r in state["log"] if int(r["step"]) <= state["step"]]
 
 
+@dataclass
+class Run:
+    """What one training run holds while it trains: the heads and their optimiser state, the data,
+    the log so far. `checkpoint` and `evaluate` are the two things the loop does every eval_every steps."""
+    cfg: WorkbookConfig
+    out_dir: Path
+    run_key: str
+    accelerator: Accelerator
+    heads: MedusaHeads
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    lm_head: torch.Tensor  # (V, C) fp32, for evaluation
+    embed: torch.Tensor | None  # (V, C) the base's input embeddings, for heads that see tokens
+    evals: Targets  # a fixed sample of eval positions
+    eval_hidden: torch.Tensor  # (E, C)
+    rows: list  # log rows so far
+    sampler_state: torch.Tensor  # the batch sampler's state as of the last completed step
+
+    def checkpoint(self, step: int) -> None:
+        """heads.safetensors, log.csv and training_state.pt as of `step`, each written atomically."""
+        unwrapped = self.accelerator.unwrap_model(self.heads)
+        if not self.accelerator.is_main_process:
+            return
+        log = [r for r in self.rows if int(r["step"]) <= step]
+        save_heads(unwrapped, self.out_dir, {"step": step, "label_source": self.cfg.label_source,
+                                             "head_target": self.cfg.head_target})
+        _write_log(self.out_dir / "log.csv", log)
+        with atomic_path(self.out_dir / "training_state.pt") as tmp:
+            torch.save({"run_key": self.run_key, "step": step, "heads": unwrapped.state_dict(),
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "generator": self.sampler_state, "log": log}, tmp)
+
+    def evaluate(self, step: int, train_loss: torch.Tensor) -> None:
+        """Score the eval sample; append one eval row and one train row (mean loss since the last) per head."""
+        self.heads.eval()
+        metrics = evaluate_heads(self.accelerator.unwrap_model(self.heads), self.lm_head, self.eval_hidden, self.evals,
+                                 self.embed)
+        self.heads.train()
+        blank = {f"{a}@{j}": "" for a in ("acc", "cacc") for j in range(1, SCORED_RANKS + 1)}
+        for m in metrics:
+            self.rows.append({"step": step, "split": "eval", **m})
+            self.rows.append({"step": step, "head": m["head"], "split": "train", "loss": float(train_loss[m["head"]]), **blank})
+
+
 def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, eval_cache: dict, out_dir: str | Path,
                 heads_config: HeadsConfig, resume: bool = True, on_eval=None, embed: torch.Tensor | None = None,
                 progress: bool = True) -> dict:
@@ -357,12 +429,10 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    state_path, log_path = out_dir / "training_state.pt", out_dir / "log.csv"
-    start, rows = _restore(state_path, run_key, resume, heads, optimizer, scheduler, generator)
+    start, rows = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler, generator)
     heads, optimizer = accelerator.prepare(heads, optimizer)
     lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
-    bf16 = accelerator.mixed_precision == "bf16"
-    train_lm_head = lm_head.to(torch.bfloat16) if bf16 else lm_head  # cast once, not per step
+    train_lm_head = lm_head.to(torch.bfloat16) if accelerator.mixed_precision == "bf16" else lm_head  # cast once
     embed = embed.to(accelerator.device) if embed is not None else None
 
     # 3b. the data: every labelled training position, a fixed sample of eval positions
@@ -371,35 +441,16 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     if len(train.rows) == 0 or len(evals.rows) == 0:
         raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
     evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
-    eval_hidden, train_hidden = eval_cache["hidden"][evals.rows], train_cache["hidden"]
-    sampler_state = generator.get_state()  # as of the last completed step
-
-    def checkpoint(step: int) -> None:
-        unwrapped = accelerator.unwrap_model(heads)
-        if accelerator.is_main_process:
-            save_heads(unwrapped, out_dir, {"step": step, "label_source": cfg.label_source, "head_target": cfg.head_target})
-            _write_log(log_path, [r for r in rows if int(r["step"]) <= step])
-            with atomic_path(state_path) as tmp:
-                torch.save({"run_key": run_key, "step": step, "heads": unwrapped.state_dict(),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "generator": sampler_state, "log": [r for r in rows if int(r["step"]) <= step]}, tmp)
-
-    def run_eval(step: int, train_stats: torch.Tensor) -> None:
-        heads.eval()
-        metrics = evaluate_heads(accelerator.unwrap_model(heads), lm_head, eval_hidden, evals, embed)
-        heads.train()
-        blank = {f"{a}@{j}": "" for a in ("acc", "cacc") for j in range(1, TOPK_ACC + 1)}
-        for m in metrics:
-            rows.append({"step": step, "split": "eval", **m})
-            rows.append({"step": step, "head": m["head"], "split": "train", "loss": float(train_stats[m["head"]]), **blank})
-        if on_eval is not None and accelerator.is_main_process:
-            on_eval(rows)
+    run = Run(cfg, out_dir, run_key, accelerator, heads, optimizer, scheduler, lm_head, embed, evals,
+              eval_cache["hidden"][evals.rows], rows, generator.get_state())
 
     # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
     t0 = time.time()
     running, n_running = torch.zeros(K), 0
     if start == 0:
-        run_eval(0, torch.full((K,), float("nan")))
+        run.evaluate(0, torch.full((K,), float("nan")))
+        if on_eval is not None and accelerator.is_main_process:
+            on_eval(rows)
     heads.train()
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="training heads",
                disable=not (progress and accelerator.is_main_process))
@@ -408,7 +459,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         for step in bar:
             idx = torch.randint(len(train.rows), (cfg.batch_positions,), generator=generator)  # (B,)
             batch = train.take(idx)
-            h = train_hidden[batch.rows].to(device=accelerator.device, dtype=lm_head.dtype)  # (B, C)
+            h = train_cache["hidden"][batch.rows].to(device=accelerator.device, dtype=lm_head.dtype)  # (B, C)
             embeds = embed[batch.path.to(accelerator.device)] if embed is not None else None  # (B, K, C)
             soft = ((batch.soft_ids.to(accelerator.device), batch.soft_logits.to(accelerator.device))
                     if cfg.head_target == "soft" else None)
@@ -417,20 +468,22 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
                 loss, per_head = medusa_loss(logits, batch.labels.to(accelerator.device), cfg.loss_decay, soft)
             accelerator.backward(loss)
             optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-            done, sampler_state = step + 1, generator.get_state()
+            done, run.sampler_state = step + 1, generator.get_state()
             running += per_head.detach().float().cpu(); n_running += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
-                run_eval(step + 1, running / max(1, n_running))
+                run.evaluate(step + 1, running / max(1, n_running))
                 running.zero_(); n_running = 0
-                checkpoint(step + 1)
+                run.checkpoint(step + 1)
+                if on_eval is not None and accelerator.is_main_process:
+                    on_eval(rows)
     except KeyboardInterrupt:
-        checkpoint(done)  # keep what is done; calling again resumes here
+        run.checkpoint(done)  # keep what is done; calling again resumes here
         raise
     finally:
         bar.close()
     if start >= cfg.train_steps:
-        _write_log(log_path, rows)
+        _write_log(out_dir / "log.csv", rows)
     return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start}
 
 
@@ -461,8 +514,10 @@ def run_dir(cfg: WorkbookConfig) -> Path:
 
 
 def heads_dir(cfg: WorkbookConfig) -> Path:
-    """The preset's main run (Medusa-1 heads), which notebooks 03-06 read."""
-    return cfg.data_dir / "heads"
+    """The Medusa-1 heads notebooks 02-06 use: the run of cfg's own settings, run_dir(cfg), which is
+    data/<preset>/heads for the preset as it is and runs/<what differs>/ once a setting is changed
+    (so the later notebooks always read the heads trained with the settings chosen, never stale ones)."""
+    return run_dir(cfg)
 
 
 def load_caches(cfg: WorkbookConfig, model, tokenizer) -> dict[str, dict]:

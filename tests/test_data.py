@@ -229,3 +229,20 @@ def test_json_files_with_a_byte_order_mark_load_and_a_non_list_top_level_is_name
     obj.write_text(json.dumps({"data": RECORDS}))
     with pytest.raises(ValueError, match=r"object.json: the top level is an object, but a .json data file must be a list"):
         load_conversations(obj)
+
+
+def test_the_mix_table_counts_each_source_and_what_the_cut_removes(tokenizer):
+    from medusa_lib.data import marked_text, mix_table
+    messages, _ = normalise_record(RECORDS[2])
+    whole = tokenize_conversation(tokenizer, messages, max_length=None)
+    distilled = {"id": "d", "messages": messages[:3], "complete": True}  # system, user, "Blue."
+    rows = [distilled, {"id": "s", "messages": messages}]
+    table = {r["source"].split()[0]: r for r in mix_table(tokenizer, rows, max_length=len(whole["input_ids"]) - 2)}
+    assert table["ShareGPT"]["tokens as written"] == len(whole["input_ids"]) and table["ShareGPT"]["cut at max_length"] == 1
+    assert table["ShareGPT"]["tokens kept"] < table["ShareGPT"]["tokens as written"]
+    assert table["self-distilled"]["conversations"] == 1 and table["self-distilled"]["cut at max_length"] == 0
+    ex = tokenize_conversation(tokenizer, messages[:3], max_length=None)
+    assert table["self-distilled"]["trained tokens"] == sum(ex["loss_mask"])
+    text = marked_text(tokenizer, ex)
+    assert text.count("«") == text.count("»") == 1  # one reply, one marked span
+    assert text[text.index("«") + 1: text.index("»")] == messages[2]["content"] + "<|im_end|>"

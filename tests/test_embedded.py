@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from medusa_lib import base
-from medusa_lib.decoding import generate, load_runtime
-from medusa_lib.export import export_medusa, parity_report
+from medusa_lib.decoding import generate, load_runtime, parity_report
+from medusa_lib.export import export_medusa
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import build_tree
 

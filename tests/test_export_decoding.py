@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from medusa_lib.config import get_config
-from medusa_lib.decoding import accept, generate, load_runtime, propose
-from medusa_lib.export import export_medusa, parity_report
+from medusa_lib.decoding import accept, generate, load_runtime, parity_report, propose
+from medusa_lib.export import export_medusa
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import build_tree, chain_paths
 
@@ -244,3 +244,71 @@ def test_prompt_lookup_chain_is_lossless_and_accepts_copied_text(tiny_llama, rt)
     assert prompt_lookup(np.array([5, 6, 7, 8, 6, 7]), 3).tolist() == [8, 6, 7]  # after the earlier "6 7"
     assert prompt_lookup(np.array([5, 6, 7, 8, 9, 1, 6, 7]), 3).tolist() == [8, 9, 1]
     assert prompt_lookup(np.array([1, 2, 3]), 2) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Half precision (the CUDA provider's graphs), checked with ORT's CPU provider
+
+FP16_LOGITS_ATOL = 5e-3  # fp16 graph vs the fp32 PyTorch model; logits here are O(1) and differ by ~4e-4 (measured)
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tiny_llama, tmp_path_factory):
+    torch.manual_seed(3)
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("onnx_fp16")
+    info = export_medusa(tiny_llama, heads, out, topk=4, fp16=True, int8_heads=True)
+    return info, out
+
+
+def test_fp16_export_matches_pytorch_within_tolerance(tiny_llama, fp16_export):
+    info, folder = fp16_export
+    assert info["dtype"] == "float16" and not info["int8_heads"]  # int8 is a CPU-kernel choice, skipped for fp16
+    assert next(tiny_llama.parameters()).dtype == torch.float32  # the caller's model is not converted
+    rt = load_runtime(folder, capacity=256, max_nodes=16)
+    assert rt.cache.dtype == torch.float16 and rt.logits_buf.dtype == torch.float16
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    rng = np.random.default_rng(0)
+    for prompt in PROMPTS[:2]:
+        for row in parity_report(tiny_llama, rt, prompt, rng.integers(0, 97, tree.size), tree):
+            assert row["max_abs_diff"] <= FP16_LOGITS_ATOL, row
+
+
+def test_fp16_greedy_medusa_equals_plain_greedy_on_the_same_graph(fp16_export):
+    _, folder = fp16_export
+    rt = load_runtime(folder, capacity=256, max_nodes=16)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    accepted = 0
+    for prompt in PROMPTS:
+        plain, _ = generate(rt, prompt, None, 40, eos_token_ids=[])
+        medusa, stats = generate(rt, prompt, tree, 40, eos_token_ids=[])
+        assert medusa == plain and len(plain) == 40
+        accepted += sum(stats.accept_lens)
+    assert accepted > 0
+
+
+def test_the_gpu_preset_exports_fp16_and_auto_follows_the_provider(monkeypatch):
+    from medusa_lib.export import export_fp16
+    gpu = get_config("gpu")
+    assert export_fp16(gpu) and gpu.name == "gpu" and gpu.kv_capacity >= gpu.max_new_tokens
+    assert not export_fp16(get_config("full", export_dtype="float32"))
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert not export_fp16(get_config("full"))  # auto without the CUDA provider: fp32
+    with pytest.raises(ValueError, match="export_dtype must be 'auto', 'float32' or 'float16'"):
+        get_config("gpu", export_dtype="half")
+
+
+def test_overrides_from_the_environment_shrink_a_preset_and_bad_ones_are_named(monkeypatch):
+    monkeypatch.setenv("WORKBOOK_OVERRIDES", '{"train_steps": 7, "cost_curve_sizes": [1, 4]}')
+    cfg = get_config("gpu", num_heads=2)
+    assert (cfg.train_steps, cfg.cost_curve_sizes, cfg.num_heads, cfg.export_dtype) == (7, (1, 4), 2, "float16")
+    monkeypatch.setenv("WORKBOOK_OVERRIDES", '{"train_stepz": 7}')
+    with pytest.raises(ValueError, match=r"names unknown settings \['train_stepz'\]"):
+        get_config("gpu")
+    monkeypatch.setenv("WORKBOOK_OVERRIDES", "train_steps=7")
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        get_config("gpu")

@@ -68,6 +68,19 @@ def test_greedy_labels_keep_only_positions_on_the_bases_own_path():
     assert table[1] == [13, 14] and table[8] == [22, 23]
 
 
+
+def test_the_label_table_shows_what_each_head_gets_and_where_greedy_drops_it():
+    from medusa_lib.train import label_rows, label_window
+    cache = toy_cache()
+    cache["base_next"] = torch.roll(cache["tokens"], -1)
+    cache["base_next"][4] = 99  # the data leaves the base's path after token 4 (as above)
+    start, length = label_window(cache, num_heads=2, length=3)
+    rows = label_rows(cache, 2, start, length)
+    assert start == 2 and [r["t"] for r in rows] == [2, 3, 4]  # the first stretch with kept and dropped labels
+    assert rows[0]["head 0 (t+2)"] == 14 and rows[0]["head 1 (t+3)"] == 99
+    assert rows[1]["head 0 (t+2)"] == 99 and rows[1]["head 1 (t+3)"] is None
+    assert rows[2]["head 0 (t+2)"] is None and rows[2]["next (data)"] == 15 and rows[2]["next (base)"] == 99
+
 def synthetic_cache(n=600, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, C, generator=g)
@@ -236,6 +249,8 @@ def test_a_run_with_other_settings_never_overwrites_finished_heads(tmp_path):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     tiny = get_config("tiny")
     assert run_dir(tiny).name == "heads" and run_dir(hydra_config(tiny)).name == "hydra"
+    from medusa_lib.train import heads_dir
+    assert heads_dir(tiny).name == "heads" and heads_dir(tiny.replace(num_heads=2)) == run_dir(tiny.replace(num_heads=2))
     assert run_dir(tiny.replace(num_heads=2, train_steps=30)).relative_to(tiny.data_dir).as_posix() == \
         "runs/num_heads-2_train_steps-30"
 
@@ -270,3 +285,36 @@ def test_damaged_checkpoints_get_a_clear_message(tmp_path):
     (medusa / "config.json").write_text(json.dumps({"medusa_num_layers": 2}))
     with pytest.raises(ValueError, match="needs medusa_num_heads and medusa_num_layers"):
         import_medusa_layout(medusa)
+
+
+def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp_path, monkeypatch, tiny_llama):
+    from medusa_lib import train as train_module
+    from medusa_lib.train import finished_runs, heads_dir, run_training
+    from medusa_lib.widget import click_config, train_widget
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path))
+    Cm, Vm = tiny_llama.config.hidden_size, tiny_llama.config.vocab_size
+    caches = {}
+    for split, seed in (("train", 0), ("eval", 1)):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, Vm, (400,), generator=g, dtype=torch.int32)
+        caches[split] = {"tokens": tokens, "base_next": torch.roll(tokens, -1), "hidden": torch.randn(400, Cm, generator=g).half(),
+                         "top_ids": torch.randint(0, Vm, (400, TEACHER_TOPK), generator=g, dtype=torch.int32),
+                         "top_logits": torch.zeros(400, TEACHER_TOPK).half(),
+                         "loss_mask": torch.ones(400, dtype=torch.uint8), "seq": torch.zeros(400, dtype=torch.int32)}
+    cfg = get_config("tiny", train_steps=10, eval_every=5, warmup_steps=2, batch_positions=32, eval_positions=64)
+    run_training(cfg, tiny_llama, None, caches=caches, out_dir=heads_dir(cfg), progress=False)  # the main run
+    main = {p.name: p.read_bytes() for p in heads_dir(cfg).iterdir()}
+    seen = []
+
+    def watched(*args, **kwargs):
+        seen.append(box.button.disabled)
+        return run_training(*args, **kwargs)
+    monkeypatch.setattr(train_module, "run_training", watched)
+    box = train_widget(cfg, tiny_llama, None, caches, steps=10)
+    box.sliders["num_heads"].value, box.sliders["token_inputs"].value = 2, "none"
+    box.button.click()
+    assert seen == [True] and not box.button.disabled  # disabled while it trained
+    assert {p.name: p.read_bytes() for p in heads_dir(cfg).iterdir()} == main
+    clicked = run_dir(click_config(cfg, 2, cfg.num_layers, "none", cfg.lr, 10))
+    assert clicked.parent.name == "runs" and (clicked / "log.csv").is_file()
+    assert set(finished_runs(cfg)) == {heads_dir(cfg).name, clicked.name}  # what the overlay plots

@@ -1,0 +1,68 @@
+"""The run-comparison widget of notebook 02: choose settings, press Train, see every run overlaid.
+
+A click trains `click_config(...)` into its own folder, `train.run_dir` (data/<preset>/runs/<what
+differs>/), so the runs that notebooks 03-06 read (heads/, hydra/) are never written. The same
+settings again resume instead of retraining. Progress, the overlay and any error show inside the
+widget's output area; the button is disabled while a run trains.
+
+    box = train_widget(cfg, model, tokenizer, caches, steps=300)
+    display(box)
+"""
+
+from __future__ import annotations
+
+from medusa_lib.config import HYDRA, WorkbookConfig
+
+SEES = ("none", "root", "path")  # Medusa-1, root-aware, sequential (see heads.py)
+
+
+def click_config(cfg: WorkbookConfig, num_heads: int, num_layers: int, token_inputs: str, lr: float,
+                 train_steps: int) -> WorkbookConfig:
+    """The settings one click trains: cfg with the widget's values (the sequential heads take the
+    rest of config.HYDRA: wider blocks, the restricted vocabulary, the soft target)."""
+    extra = {k: v for k, v in HYDRA.items() if k != "token_inputs"} if token_inputs == "path" else {}
+    return cfg.replace(**extra, num_heads=num_heads, num_layers=num_layers, token_inputs=token_inputs, lr=lr,
+                       train_steps=train_steps)
+
+
+def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int, metric: str = "cacc@1"):
+    """Sliders, a Train button and an output area (an ipywidgets VBox; `.button` and `.output` are
+    reachable as attributes for scripted clicks)."""
+    import ipywidgets as W
+    from IPython.display import clear_output, display
+
+    from medusa_lib.plotting import plot_runs
+    from medusa_lib.train import finished_runs, read_log, run_training
+
+    sliders = dict(num_heads=W.IntSlider(cfg.num_heads, 1, 5, description="heads"),
+                   num_layers=W.IntSlider(cfg.num_layers, 1, 3, description="layers/head"),
+                   token_inputs=W.Dropdown(options=list(SEES), value="path", description="sees"),
+                   lr=W.FloatLogSlider(cfg.lr, base=10, min=-4, max=-2, description="lr"),
+                   train_steps=W.IntText(steps, description="steps"))
+    button, out = W.Button(description="Train", button_style="primary"), W.Output()
+
+    def show_runs(rows=None):
+        import matplotlib.pyplot as plt
+        with out:
+            clear_output(wait=True)
+            fig = plot_runs({name: read_log(folder) for name, folder in finished_runs(cfg).items()}, metric)
+            display(fig)
+            plt.close(fig)
+
+    def on_train(_):
+        button.disabled = True
+        try:
+            run_cfg = click_config(cfg, **{name: s.value for name, s in sliders.items()})
+            with out:
+                run_training(run_cfg, model, tokenizer, caches=caches, on_eval=show_runs)
+            show_runs()
+        except Exception as err:  # shown here, not in the server log
+            with out:
+                print(f"Training failed: {err}")
+        finally:
+            button.disabled = False
+
+    button.on_click(on_train)
+    box = W.VBox([*sliders.values(), button, out])
+    box.button, box.output, box.sliders = button, out, sliders
+    return box

@@ -1,0 +1,38 @@
+"""The `gpu` preset's code paths (fp16 graphs, its own data folder and figures) on this CPU: every
+notebook runs with `get_config("gpu")` at tiny sizes, so that the GPU route cannot rot unnoticed
+between GPU runs. What the preset is about stays as it is: name, fp16 export, the questions file."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from medusa_lib.config import WorkbookConfig, get_config, repo_root
+
+KEPT = ("name", "export_dtype", "bench_questions")  # the gpu preset's own choices; every size comes from tiny
+SMALLER = dict(train_steps=20, hydra_train_steps=20, eval_every=10, warmup_steps=4, bench_prompts=2,
+               bench_max_new_tokens=12, cost_curve_sizes=(1, 4))
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_with_the_gpu_preset_at_tiny_sizes(tmp_path, monkeypatch):
+    tiny = get_config("tiny")
+    overrides = {f.name: getattr(tiny, f.name) for f in dataclasses.fields(WorkbookConfig) if f.name not in KEPT}
+    overrides.update(SMALLER, figures_dir=str(tmp_path / "figures"))
+    monkeypatch.setenv("WORKBOOK_PRESET", "gpu")
+    monkeypatch.setenv("WORKBOOK_OVERRIDES", json.dumps(overrides))
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path / "data"))
+    cfg = get_config()
+    assert cfg.name == "gpu" and cfg.export_dtype == "float16" and cfg.train_steps == 20
+    folder = repo_root() / "notebooks"
+    for path in sorted(folder.glob("[0-9][0-9]_*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    info = json.loads((tmp_path / "data" / "gpu" / "onnx" / "export_info.json").read_text())
+    assert info["dtype"] == "float16"
+    results = json.loads((tmp_path / "data" / "gpu" / "bench" / "results.json").read_text())
+    assert all(m["identical_to_ort"] == m["prompts"] for m in results["methods"].values())  # lossless on the fp16 graph
+    assert any(Path(tmp_path / "figures").glob("06_*.png"))  # figures went where the config said, not to static/
