@@ -85,21 +85,25 @@ def prompt_ids(tokenizer, question: dict) -> list[int]:
 # Tree sized for the hardware
 
 def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 9) -> dict[int, float]:
-    """Seconds for one base forward of T tokens on top of `prefix` cached tokens, per T (median)."""
+    """Seconds for one base forward of T tokens on top of `prefix` cached tokens, per T (median).
+    The sizes are measured round-robin, one pass of each per round, so that a slow spell of a shared
+    machine falls on every size alike instead of bending the curve at a few."""
     from medusa_lib.decoding import run_base
 
-    out = {}
-    for T in sizes:
+    def one_pass(T: int) -> float:
         ids = np.zeros(T, dtype=np.int64)
         bias = np.zeros((1, 1, T, prefix + T), dtype=rt.np_dtype)
+        t = time.perf_counter()
         run_base(rt, ids, np.arange(prefix, prefix + T), bias, prefix)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            run_base(rt, ids, np.arange(prefix, prefix + T), bias, prefix)
-            times.append(time.perf_counter() - t)
-        out[int(T)] = float(np.median(times))
-    return out
+        return time.perf_counter() - t
+
+    for T in sizes:  # warm-up: the first pass of each shape is not timed
+        one_pass(T)
+    times = {int(T): [] for T in sizes}
+    for _ in range(reps):
+        for T in sizes:
+            times[int(T)].append(one_pass(T))
+    return {T: float(np.median(ts)) for T, ts in times.items()}
 
 
 def final_accuracies(log_csv: str | Path, conditional: bool = True) -> np.ndarray:
