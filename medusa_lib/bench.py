@@ -6,7 +6,7 @@ the paper's Medusa-1 heads, hydra_tree (a sparse tree proposed by the sequential
 workbook's extension), hydra_pld (that tree plus a prompt-lookup chain on the steps where the text
 repeats itself) and llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
 warm-up excluded, methods alternated prompt by prompt. Also: the verification cost curve and the
-tree size that maximises expected tokens per second on this device.
+heads' time a call, from which replay.py sizes each method's tree for this device.
 
     python -m medusa_lib.bench --limit 24 --max-new-tokens 128 --out data/bench/results.json
 """
@@ -30,7 +30,7 @@ import numpy as np
 from medusa_lib.config import WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
-from medusa_lib.tree import build_tree, chain_paths, expected_tau, greedy_tree, save_tree
+from medusa_lib.tree import build_tree, chain_paths, load_plan, save_tree, with_lookup
 
 ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
 ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -40,9 +40,19 @@ PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 # ----------------------------------------------------------------------------------------------
 # Prompts
 
-def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int) -> list[dict]:
+def questions_path(setting: str | None) -> Path | None:
+    """A questions setting of the config (bench_questions, sizing_questions) as a path: relative
+    ones are read from the repository root; None stays None (the held-out ShareGPT prompts)."""
+    if not setting:
+        return None
+    return Path(setting) if Path(setting).is_absolute() else repo_root() / setting
+
+
+def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int, from_end: bool = False) -> list[dict]:
     """question.jsonl rows {question_id, category, turns}; default: the held-out ShareGPT split's
-    first user turns (category "sharegpt"). `limit` is spread evenly across categories."""
+    first user turns (category "sharegpt"). `limit` is spread evenly across categories, taken from
+    the start of each (the benchmark) or from its end (`from_end`: notebook 06's sizing prompts, so
+    that sizing and benchmark share no prompt when both read the same source)."""
     if path is None:
         from medusa_lib.data import first_prompt, read_prepared
         rows = []
@@ -65,7 +75,7 @@ def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int) -> 
                 raise ValueError(f"{path}, line {i + 1}: not a question record with a 'turns' list of strings.") from None
             rows.append({"question_id": row.get("question_id", i), "category": row.get("category", "default"), "turns": row["turns"]})
     by_cat = defaultdict(list)
-    for row in rows:
+    for row in (rows[::-1] if from_end else rows):
         by_cat[row["category"]].append(row)
     picked, cats = [], sorted(by_cat)
     while len(picked) < min(limit, len(rows)):
@@ -117,24 +127,6 @@ def final_accuracies(log_csv: str | Path, conditional: bool = True) -> np.ndarra
     return last[[f"{prefix}@{k}" for k in range(1, 6)]].to_numpy()
 
 
-def size_tree(cost: dict[int, float], rank_acc: np.ndarray, heads_s: float, max_nodes: int,
-              heads_per_depth: bool = False) -> dict:
-    """For each node budget: the greedy tree, its expected tau, and expected tokens/s given the
-    measured cost curve (interpolated) plus the heads' time (once per step, or once per tree depth
-    for sequential heads). Returns the curve and the best."""
-    sizes = np.array(sorted(cost)); secs = np.array([cost[s] for s in sizes])
-    rows = []
-    for budget in range(0, max_nodes):
-        paths = greedy_tree(rank_acc, budget) if budget else []
-        tau = expected_tau(paths, rank_acc)
-        calls = (max((len(p) for p in paths), default=0) if heads_per_depth else 1) if budget else 0
-        step = float(np.interp(budget + 1, sizes, secs)) + heads_s * calls
-        rows.append({"nodes": budget + 1, "expected_tau": tau, "step_s": step, "expected_tok_per_s": tau / step,
-                     "paths": [list(p) for p in paths]})
-    best = max(rows, key=lambda r: r["expected_tok_per_s"])
-    return {"curve": rows, "best": best}
-
-
 def heads_seconds(rt, reps: int = 10) -> float:
     """Seconds for one heads call (the one call of Medusa-1 / root-aware heads, or one depth's call
     of sequential heads on a single parent)."""
@@ -173,7 +165,7 @@ class Methods:
     """Loads what each method needs once; `run(name, ids)` -> (tokens, decode_s, e2e_s, tau)."""
 
     def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_paths, threads: int,
-                 hydra_dir: Path | None = None, hydra_paths=None):
+                 hydra_dir: Path | None = None, hydra_paths=None, pld_file: Path | None = None):
         import torch
         from medusa_lib.base import load_base
         from medusa_lib.decoding import load_runtime, with_heads_of
@@ -194,9 +186,14 @@ class Methods:
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
                       "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
         hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
+        self.lookup = {}  # method -> decoding.generate's lookup arguments
         if hydra_info is not None:
             self.trees["hydra_tree"] = self.trees["hydra_pld"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
-        max_nodes = max(t.size for t in self.trees.values()) + cfg.lookup_tokens
+            self.lookup["hydra_pld"] = {"lookup": cfg.lookup_tokens}  # the preset's chain on the hydra tree, unless a plan says
+            if pld_file is not None:
+                self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
+        max_nodes = max(max(t.size, with_lookup(self.lookup.get(name, {}).get("lookup_tree", t), self.lookup.get(name, {}).get("lookup", 0)).size)
+                        for name, t in self.trees.items())
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
                                with_heads=any(m.startswith("medusa") for m in self.methods))
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
@@ -215,7 +212,7 @@ class Methods:
         if name in ORT_METHODS:
             t = time.perf_counter()
             out, stats = generate(self.runtimes[name], ids, None if name == "ort" else self.trees[name], max_new_tokens,
-                                  eos_token_ids=self.eos, lookup=self.cfg.lookup_tokens if name == "hydra_pld" else 0)
+                                  eos_token_ids=self.eos, **self.lookup.get(name, {}))
             return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
         if name in ("hf", "hf_pld"):
             x = torch.tensor([ids], device=self.model.device)
@@ -260,17 +257,22 @@ def _aggregate(records: list[dict]) -> dict:
     tokens = sum(r["new_tokens"] for r in records)
     decode = sum(r["decode_s"] for r in records)
     e2e = sum(r["e2e_s"] for r in records)
-    taus = [r["tau"] for r in records if r["tau"] is not None]
+    lens = [L for r in records for L in (r.get("accept_lens") or [])]
+    if lens:  # pooled over every step (tokens per step, as the paper counts), not a mean of per-prompt means
+        tau = (sum(lens) + len(lens)) / len(lens)
+    else:  # methods without steps of their own: 1.0 (one token a pass) or None (unknown)
+        taus = [r["tau"] for r in records if r["tau"] is not None]
+        tau = float(np.mean(taus)) if taus else None
     return {"prompts": len(records), "new_tokens": tokens, "decode_tok_per_s": tokens / decode if decode else 0.0,
-            "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": float(np.mean(taus)) if taus else None,
+            "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": tau,
             "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None)}
 
 
 def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int,
-                   hydra_dir: Path | None = None, hydra_tree_file: Path | None = None) -> float:
+                   hydra_dir: Path | None = None, hydra_tree_file: Path | None = None, pld_file: Path | None = None) -> float:
     """Peak resident memory (MB) of a fresh process that loads only `method` and runs one prompt."""
     args = [method, cfg_name, str(export_dir), str(tree_file), threads, max_new_tokens,
-            str(hydra_dir) if hydra_dir else None, str(hydra_tree_file) if hydra_tree_file else None]
+            *(str(f) if f else None for f in (hydra_dir, hydra_tree_file, pld_file))]
     code = f"import json; from medusa_lib.bench import _memory_child; print(json.dumps(_memory_child(*{args!r})))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
     try:
@@ -279,11 +281,12 @@ def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path
         return float("nan")
 
 
-def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens, hydra_dir, hydra_tree_file) -> float:
+def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens, hydra_dir, hydra_tree_file, pld_file) -> float:
     cfg = get_config(cfg_name)
     paths = [tuple(p) for p in read_json(tree_file)["paths"]]
     hydra_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]] if hydra_tree_file else None
-    m = Methods(cfg, [method], Path(export_dir), paths, threads, Path(hydra_dir) if hydra_dir else None, hydra_paths)
+    m = Methods(cfg, [method], Path(export_dir), paths, threads, Path(hydra_dir) if hydra_dir else None, hydra_paths,
+                Path(pld_file) if pld_file else None)
     q = load_questions(None, cfg, 1)[0]
     m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
     return peak_rss_mb()
@@ -311,10 +314,21 @@ def hydra_paths_for(cfg: WorkbookConfig, hydra_tree: str | Path | None) -> tuple
     return export_dir, Path(hydra_tree) if hydra_tree else default_tree_file(cfg, sequential=True)
 
 
+def pld_plan_file(cfg: WorkbookConfig, pld_plan: str | Path | None) -> Path | None:
+    """hydra_pld's plan: the file given, else notebook 06's (trees/tree_hydra_pld_device.json), else
+    None (the hydra tree with the preset's lookup_tokens)."""
+    if pld_plan:
+        if not Path(pld_plan).is_file():
+            raise FileNotFoundError(f"--pld-plan {pld_plan} does not exist (a tree file with a 'lookup' section, from notebook 06).")
+        return Path(pld_plan)
+    path = cfg.data_dir / "trees" / "tree_hydra_pld_device.json"
+    return path if path.is_file() else None
+
+
 def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
                   max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
                   heads: str | None = None, threads: int | None = None, memory: bool = True,
-                  progress: bool = True, hydra_tree: str | None = None) -> dict:
+                  progress: bool = True, hydra_tree: str | None = None, pld_plan: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
     limit = cfg.bench_prompts if limit is None else limit
@@ -334,16 +348,17 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     export_dir = resolve_export_dir(cfg, heads)
     tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
     tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
-    hydra_dir = hydra_tree_file = hydra_tree_paths = None
+    hydra_dir = hydra_tree_file = hydra_tree_paths = pld_file = None
     if {"hydra_tree", "hydra_pld"} & set(methods):
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree)
         hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
+        pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in methods else None
     if "ort" not in methods:
         methods.insert(0, "ort")
-    if questions is None and cfg.bench_questions:
-        questions = Path(cfg.bench_questions) if Path(cfg.bench_questions).is_absolute() else repo_root() / cfg.bench_questions
+    if questions is None:
+        questions = questions_path(cfg.bench_questions)
     qs = load_questions(questions, cfg, limit)
-    runner = Methods(cfg, methods, export_dir, tree_paths, threads, hydra_dir, hydra_tree_paths)
+    runner = Methods(cfg, methods, export_dir, tree_paths, threads, hydra_dir, hydra_tree_paths, pld_file)
     warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
     for name in methods:  # warm-up, excluded from timing
         runner.run(name, warm, 8)
@@ -380,7 +395,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         save_tree(tmp_tree, tree_paths, runner.info["topk"])
         for name in methods:
             mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens),
-                                       hydra_dir, hydra_tree_file)
+                                       hydra_dir, hydra_tree_file, pld_file)
     result = {"methods": {}, "categories": {}, "time_split": {k: dict(v) for k, v in split.items()}, "notes": notes,
               "divergences_from_ort": divergences,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -391,7 +406,9 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                            "questions": str(questions) if questions else "held-out ShareGPT (eval split)",
                            "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads,
                            "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
-                           "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None}}
+                           "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None,
+                           "hydra_pld_plan": str(pld_file) if pld_file else None,
+                           "hydra_pld_lookup": {k: (v.size if k == "lookup_tree" else v) for k, v in runner.lookup.get("hydra_pld", {}).items()}}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
@@ -431,13 +448,14 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods", help=f"comma-separated, from {ALL_METHODS}")
     p.add_argument("--tree"); p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
     p.add_argument("--hydra-tree", help="tree for the sequential heads (default: data/<preset>/trees/tree_hydra*.json)")
+    p.add_argument("--pld-plan", help="hydra_pld's tree file with a 'lookup' section (default: trees/tree_hydra_pld_device.json)")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
     p.add_argument("--cost-curve", action="store_true", help="also measure ms per verification pass at the preset's cost_curve_sizes")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)
     out = check_out_path(a.out if a.out else cfg.data_dir / "bench" / "results.json")
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
-                           a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree)
+                           a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan)
     if a.cost_curve:
         from medusa_lib.decoding import load_runtime
         rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,

@@ -69,12 +69,16 @@ class WorkbookConfig:
     export_dtype: str = "auto"  # ONNX graphs' float type: "auto" = float16 where ONNX Runtime's CUDA provider is
     # usable, else float32; or "float32" / "float16" (Medusa stays lossless relative to the exported base)
     tree_nodes: int = 24  # node budget for the sparse tree, root excluded
-    lookup_tokens: int = 4  # prompt-lookup candidates added under the root when the text repeats (hydra_pld)
+    lookup_tokens: int = 4  # prompt-lookup candidates added under the root when the text repeats (hydra_pld without
+    # a replayed plan; notebook 06 chooses the chain, its trigger and the tree beside it on the sizing prompts)
     max_new_tokens: int = 128
     kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
     threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
     # --- benchmark (notebook 06) -------------------------------------------------------------
     bench_questions: str | None = None  # question.jsonl (Spec-Bench / MT-bench format); None = the held-out ShareGPT prompts
+    sizing_questions: str | None = None  # prompts notebook 06 replays to size the trees (never the benchmark's own);
+    # None = the held-out ShareGPT prompts
+    sizing_prompts: int = 26
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
     bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -85,7 +89,7 @@ class WorkbookConfig:
     def __post_init__(self):
         problems = [f"{name} must be at least {low}, not {getattr(self, name)!r}" for name, low in (
             ("num_heads", 1), ("num_layers", 1), ("train_steps", 1), ("batch_positions", 1), ("eval_every", 1),
-            ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1),
+            ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1), ("sizing_prompts", 1),
             ("block_expansion", 0), ("head_vocab", 0), ("threads", 0), ("lookup_tokens", 0), ("hydra_train_steps", 0), ("widget_steps", 1)) if not getattr(self, name) >= low]
         if self.token_inputs not in ("none", "root", "path"):
             problems.append(f"token_inputs must be 'none', 'root' or 'path', not {self.token_inputs!r}")
@@ -128,6 +132,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         kv_capacity=768,
         bench_prompts=3,
         bench_max_new_tokens=24,
+        sizing_prompts=2,
         cost_curve_sizes=(1, 4, 8, 16),
     ),
     # The real run: about an hour for all six notebooks on 2 CPU cores, minutes on a GPU.
@@ -151,6 +156,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         max_new_tokens=128,
         kv_capacity=2048,
         bench_questions="static/questions.jsonl",  # 13 categories x 2 prompts written for this workbook, not ShareGPT
+        sizing_questions="static/questions_dev.jsonl",  # 26 more of the kind, written apart: the trees are sized on these
         bench_prompts=26,
         bench_max_new_tokens=128,
     ),
@@ -181,6 +187,7 @@ PRESETS: dict[str, WorkbookConfig] = {
         max_new_tokens=256,
         kv_capacity=4096,
         bench_questions="static/questions.jsonl",
+        sizing_questions="static/questions_dev.jsonl",
         bench_prompts=26,
         bench_max_new_tokens=256,
         cost_curve_sizes=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256),

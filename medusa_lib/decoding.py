@@ -348,10 +348,13 @@ def check_tree(rt: OrtRuntime, tree: TreeBuffers) -> None:
 
 
 def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, seed: int = 0, eos_token_ids=None, lookup: int = 0) -> tuple[list[int], DecodeStats]:
+             temperature: float = 0.0, seed: int = 0, eos_token_ids=None, lookup: int = 0, lookup_min_ngram: int = 1,
+             lookup_tree: TreeBuffers | None = None) -> tuple[list[int], DecodeStats]:
     """Decode from `prompt_ids`. With a tree and heads: Medusa; without: plain greedy (or sampling).
     `lookup` > 0 adds a chain of that many prompt-lookup candidates under the root on the steps where
-    the text's last n-gram occurred before (tree.with_lookup); it needs a tree (a root-only one will do).
+    the text's last n-gram (n >= lookup_min_ngram) occurred before (tree.with_lookup); it needs a tree
+    (a root-only one will do). On those steps the heads draft `lookup_tree` (default: `tree`), so a
+    plan can keep a step's pass small (replay.choose_plan sizes both).
 
     Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
@@ -359,11 +362,15 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else eos_token_ids)
     if lookup and tree is None:
         raise ValueError("lookup needs a tree: pass build_tree([], topk, num_heads) for prompt lookup alone.")
+    if lookup_min_ngram < 1:
+        raise ValueError(f"lookup_min_ngram must be at least 1, not {lookup_min_ngram!r}.")
     medusa = tree is not None and (tree.size > 1 or lookup > 0)
     if medusa:
         check_tree(rt, tree)
-    looked = with_lookup(tree, lookup) if medusa else None
-    N = looked.size if medusa else 1
+        if lookup_tree is not None:
+            check_tree(rt, lookup_tree)
+    looked = with_lookup(tree if lookup_tree is None else lookup_tree, lookup) if medusa else None
+    N = max(tree.size, looked.size) if medusa else 1
     if N > rt.logits_buf.shape[1]:
         raise ValueError(f"The tree has {N} nodes but the runtime was loaded with max_nodes={rt.logits_buf.shape[1]}.")
     if len(prompt) + N > rt.capacity:
@@ -388,7 +395,8 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             break
         if medusa:
             with clock("heads"):  # 2 propose (the lookup chain only on steps where the text repeats itself)
-                follow = prompt_lookup(np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]), lookup) if lookup else None
+                history = np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]) if lookup else None
+                follow = prompt_lookup(history, lookup, lookup_min_ngram) if lookup else None
                 step_tree = tree if follow is None else looked
                 tree_tokens = propose(rt, root, hidden, step_tree)  # (N,)
                 if follow is not None:

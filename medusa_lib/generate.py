@@ -4,8 +4,8 @@
         [--max-new-tokens N] [--temperature T] [--plain]
 
 --heads is a heads checkpoint folder (exported to ONNX on first use) or an exported ONNX folder;
---tree a tree JSON (notebooks 03 and 06 write data/<preset>/trees/). Both default to what the
-workbook's last run produced.
+--tree a tree JSON (notebooks 03 and 06 write data/<preset>/trees/; a 'lookup' section in it adds
+prompt lookup, as in trees/tree_hydra_pld_device.json). Both default to what the workbook's last run produced.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from medusa_lib.bench import default_tree_file
 from medusa_lib.config import get_config
 from medusa_lib.decoding import generate, load_runtime
 from medusa_lib.export import read_export_info, resolve_export_dir
-from medusa_lib.tree import load_tree
+from medusa_lib.tree import load_plan
 
 
 def main(argv=None) -> None:
@@ -39,14 +39,14 @@ def main(argv=None) -> None:
     export_dir = resolve_export_dir(cfg, a.heads)
     info = read_export_info(export_dir)
     sequential = info.get("token_inputs") == "path"
-    tree = None if a.plain else load_tree(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
+    tree, lookup = (None, {}) if a.plain else load_plan(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,
-                      max_nodes=tree.size if tree else 1)
+                      max_nodes=max(tree.size, lookup.get("lookup_tree", tree).size + lookup.get("lookup", 0)) if tree else 1)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(info.get("base_model") or cfg.base_model))
     text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     max_new_tokens = cfg.max_new_tokens if a.max_new_tokens is None else a.max_new_tokens
-    out, stats = generate(rt, ids, tree, max_new_tokens, a.temperature, a.seed)
+    out, stats = generate(rt, ids, tree, max_new_tokens, a.temperature, a.seed, **lookup)
     print(tokenizer.decode(out, skip_special_tokens=True))
     print(f"\n[{stats.new_tokens} tokens, tau {stats.tau:.2f}, {stats.decode_tok_per_s:.1f} tok/s decode, "
           f"stopped on {stats.stopped}]")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -20,6 +21,8 @@ from nbclient import NotebookClient
 
 from medusa_lib.config import get_config, repo_root
 from medusa_lib.files import atomic_path, write_json
+
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *[\d.]+\w?/[\d.]+\w? \[")  # tqdm's text, e.g. "caching:  40%|####  | 4/10 ["
 
 
 def run_notebooks(preset: str | None = None) -> dict:
@@ -43,8 +46,9 @@ def run_notebooks(preset: str | None = None) -> dict:
 
 
 def clean_outputs(nb, root: str) -> None:
-    """Outputs fit to commit: progress bars and warnings (stderr) dropped, widgets shown by their text,
-    absolute paths made relative to the repository."""
+    """Outputs fit to commit: progress bars and warnings (stderr) dropped (a bar's saved text is
+    a stale state such as "0%"), other widgets shown by their text, absolute paths made relative to
+    the repository. Cleaning a cleaned notebook changes nothing."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -54,6 +58,8 @@ def clean_outputs(nb, root: str) -> None:
                 continue
             data = out.get("data")
             if data is not None:
+                if PROGRESS_BAR.search("".join(data.get("text/plain", ""))):
+                    continue
                 data.pop("application/vnd.jupyter.widget-view+json", None)
                 if not data:
                     continue

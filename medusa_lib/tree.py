@@ -142,10 +142,11 @@ def with_lookup(tree: TreeBuffers, length: int) -> TreeBuffers:
                    mask=mask, retrieve_indices=retrieve, ancestors=ancestors, lookup_nodes=nodes)
 
 
-def prompt_lookup(history: np.ndarray, length: int, max_ngram: int = 3) -> np.ndarray | None:
+def prompt_lookup(history: np.ndarray, length: int, min_ngram: int = 1, max_ngram: int = 3) -> np.ndarray | None:
     """The `length` tokens that followed the last earlier occurrence of the text's final n-gram
-    (n = max_ngram .. 1), padded with their last token; None when no n-gram recurs."""
-    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+    (n = max_ngram .. min_ngram), padded with their last token; None when no such n-gram recurs.
+    A longer chain is the shorter one continued (the padding included), which replay.py relies on."""
+    for n in range(min(max_ngram, len(history) - 1), min_ngram - 1, -1):
         suffix = history[-n:]
         windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)  # (len-n, n): every earlier n-gram
         hits = np.nonzero((windows == suffix).all(axis=1))[0]
@@ -205,3 +206,20 @@ def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:
         return build_tree([tuple(p) for p in raw["paths"]], raw["topk"], num_heads)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
+    """A tree file with its optional prompt-lookup section, {"lookup": {"tokens": m, "min_ngram": g,
+    "paths": [...]}} (replay.choose_plan writes one), as (tree, the lookup arguments of
+    decoding.generate); ({}: no lookup)."""
+    tree = load_tree(path, num_heads)
+    section = read_json(path).get("lookup")
+    if not section:
+        return tree, {}
+    try:
+        kwargs = {"lookup": int(section["tokens"]), "lookup_min_ngram": int(section.get("min_ngram", 1))}
+        if section.get("paths") is not None:
+            kwargs["lookup_tree"] = build_tree([tuple(p) for p in section["paths"]], tree.topk, num_heads)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the 'lookup' section needs 'tokens' (and may have 'min_ngram' and 'paths'): {err}") from None
+    return tree, kwargs

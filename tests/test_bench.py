@@ -1,11 +1,12 @@
-"""Benchmark helpers: question files, even spread across categories, tree sizing, aggregation."""
+"""Benchmark helpers: question files, even spread across categories, sizing by replay, aggregation."""
 
 import json
 
 import numpy as np
 import pytest
 
-from medusa_lib.bench import _aggregate, load_questions, size_tree
+from medusa_lib.bench import _aggregate, load_questions
+from medusa_lib.replay import Replay, choose_plan, simulate
 from medusa_lib.config import get_config
 
 
@@ -22,13 +23,45 @@ def test_questions_are_spread_evenly_across_categories(tmp_path):
         load_questions(bad, get_config("tiny"), 5)
 
 
-def test_size_tree_trades_tau_against_cost():
+def synthetic_replay():
+    """A 6-token reply: at root 0 the nodes (0,) and (0, 0) are confirmed, at root 3 only (0,)."""
+    right = [frozenset({(0,), (0, 0)}), frozenset(), frozenset(), frozenset({(0,)}), frozenset(), frozenset()]
+    return Replay(np.array([1, 2, 3]), np.array([10, 11, 12, 13, 14, 15]), right)
+
+
+def test_simulate_walks_the_reply_and_prices_each_step():
+    rep = synthetic_replay()
+    cost, heads_s = {1: 0.010, 4: 0.013}, 0.001
+    deep = simulate([rep], [(0,), (0, 0)], cost, heads_s, per_depth=True)  # steps at 0 (L=2), 3 (L=1), 5 (L=0)
+    assert deep["steps"] == 3 and deep["tau"] == 2.0
+    assert deep["tok_per_s"] == pytest.approx(6 / (3 * (0.012 + 2 * heads_s)))  # T=3: 12 ms, two calls (depths)
+    assert deep["speedup"] == pytest.approx(6 * 0.010 / (3 * (0.012 + 2 * heads_s)))
+    shallow = simulate([rep], [(0,)], cost, heads_s, per_depth=False)  # 0 (L=1), 2, 3 (L=1), 5
+    assert shallow["steps"] == 4 and shallow["tau"] == 1.5
+    assert shallow["tok_per_s"] == pytest.approx(6 / (4 * (0.011 + heads_s)))
+
+
+def test_simulate_takes_the_lookup_chain_where_the_text_repeats():
+    prompt = np.array([7, 8, 9, 4, 5, 6])
+    rep = Replay(prompt, np.array([7, 8, 9, 4, 1]), [frozenset()] * 5)  # the reply copies the prompt, then departs
+    none = simulate([rep], [], {1: 0.01, 8: 0.01}, 0.0, per_depth=False)
+    looked = simulate([rep], [], {1: 0.01, 8: 0.01}, 0.0, per_depth=False, lookup=3, min_ngram=1)
+    assert none["steps"] == 5
+    # root 7: its 1-gram occurred at the prompt's start, chain 8 9 4 all confirmed (L=3); root 1: no lookup
+    assert looked["steps"] == 2 and looked["tau"] == 2.5
+    # a 2-gram trigger skips root 7 (only "7" recurs) and fires at root 8 ("7 8"): chain 9 4 5, two confirmed
+    strict = simulate([rep], [], {1: 0.01, 8: 0.01}, 0.0, per_depth=False, lookup=3, min_ngram=2)
+    assert strict["steps"] == 3
+
+
+def test_choose_plan_trades_tau_against_cost():
+    reps = [synthetic_replay()] * 3
     rank_acc = np.array([[0.6, 0.1, 0.05, 0.03, 0.02], [0.4, 0.1, 0.05, 0.03, 0.02]])
-    flat = size_tree({1: 0.01, 64: 0.0101}, rank_acc, heads_s=0.0, max_nodes=64)  # GPU-like: nodes are free
-    steep = size_tree({1: 0.01, 64: 0.64}, rank_acc, heads_s=0.0, max_nodes=64)  # cost grows with every node
-    assert flat["best"]["nodes"] > steep["best"]["nodes"] >= 1
-    for r in steep["curve"]:
-        assert r["expected_tok_per_s"] == pytest.approx(r["expected_tau"] / r["step_s"])
+    flat, _ = choose_plan(reps, rank_acc, {1: 0.01, 64: 0.0101}, 0.0, per_depth=False, max_budget=4)  # nodes are free
+    steep, curve = choose_plan(reps, rank_acc, {1: 0.01, 2: 0.0105, 3: 0.05}, 0.0, per_depth=False, max_budget=4)
+    assert flat["nodes"] >= 3 and flat["tau"] == 2.0  # (0,) and (0, 0) both in the tree
+    assert steep["nodes"] == 2 and steep["paths"] == [[0]]  # a third node costs more than it brings
+    assert [c["nodes"] for c in curve] == [1, 2, 3, 4, 5]
 
 
 def test_aggregate_counts_tokens_over_time():
@@ -37,6 +70,9 @@ def test_aggregate_counts_tokens_over_time():
     agg = _aggregate(recs)
     assert agg["decode_tok_per_s"] == 20.0 and agg["e2e_tok_per_s"] == 10.0
     assert agg["tau"] == 2.5 and agg["identical_to_ort"] == 1 and agg["prompts"] == 2
+    # with steps recorded, tau is pooled over steps: a short reply with long steps weighs by its steps
+    recs[0]["accept_lens"], recs[1]["accept_lens"] = [3, 3], [0] * 10  # tau 4.0 on 2 steps, 1.0 on 10
+    assert _aggregate(recs)["tau"] == pytest.approx((8 + 10) / 12)
 
 
 def test_a_bad_out_path_fails_before_any_benchmark_work(tmp_path, monkeypatch):
@@ -64,11 +100,3 @@ def test_zero_prompts_or_tokens_are_refused_not_replaced_by_the_default():
         run_benchmark(get_config("tiny"), max_new_tokens=0)
 
 
-def test_sequential_heads_pay_for_one_call_per_depth():
-    rank_acc = np.array([[0.6, 0.1, 0.05, 0.03, 0.02], [0.5, 0.1, 0.05, 0.03, 0.02]])
-    cost = {1: 0.010, 64: 0.011}
-    once = size_tree(cost, rank_acc, heads_s=0.002, max_nodes=8)
-    per_depth = size_tree(cost, rank_acc, heads_s=0.002, max_nodes=8, heads_per_depth=True)
-    for a, b in zip(once["curve"], per_depth["curve"]):
-        depth = max((len(p) for p in a["paths"]), default=0)
-        assert b["step_s"] - a["step_s"] == pytest.approx(0.002 * max(0, depth - 1))

@@ -312,3 +312,32 @@ def test_overrides_from_the_environment_shrink_a_preset_and_bad_ones_are_named(m
     monkeypatch.setenv("WORKBOOK_OVERRIDES", "train_steps=7")
     with pytest.raises(ValueError, match="must be a JSON object"):
         get_config("gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Replay (notebook 06's sizing): the offline walk takes the decoder's steps
+
+def test_replay_takes_the_steps_the_decoder_takes(rt):
+    """replay.simulate walks the plain greedy reply with the confirmed nodes recorded once; the
+    decoder runs each plan for real. Same text, so the same steps, up to a near-tie among the heads'
+    ranks that the two forwards (prefill vs tree pass: different kernels) could order differently:
+    allowed one step per plan, over all prompts."""
+    from medusa_lib.replay import record, simulate
+    big = build_tree(TREE, topk=4, num_heads=3)
+    replays = record(rt, PROMPTS, big, 30, [], progress=False)
+    assert [r.reply.tolist() for r in replays] == [generate(rt, p, None, 30, eos_token_ids=[])[0] for p in PROMPTS]
+    plans = [(TREE, {}), ([(0,), (0, 0)], {}), ([(0,), (1,)], {"lookup": 3, "min_ngram": 1, "lookup_paths": [(0,)]}),
+             ([], {"lookup": 4, "min_ngram": 2})]
+    for paths, kw in plans:
+        sim = simulate(replays, paths, {1: 1.0, 16: 2.0}, 0.0, per_depth=False, **kw)
+        steps = 0
+        for prompt, rep in zip(PROMPTS, replays):
+            lookup = {"lookup": kw["lookup"], "lookup_min_ngram": kw["min_ngram"]} if kw else {}
+            if kw.get("lookup_paths") is not None:
+                lookup["lookup_tree"] = build_tree(kw["lookup_paths"], 4, 3)
+            out, stats = generate(rt, prompt, build_tree(paths, 4, 3), 30, eos_token_ids=[], **lookup)
+            assert out == rep.reply.tolist()
+            steps += stats.steps
+        assert abs(sim["steps"] - steps) <= 1, (paths, kw, sim["steps"], steps)
+        assert sim["tau"] == pytest.approx(4 * 30 / sim["steps"])
+    assert min(simulate(replays, p, {1: 1.0}, 0.0, False, **{k: v for k, v in kw.items()})["steps"] for p, kw in plans) < 4 * 30

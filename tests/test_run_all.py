@@ -13,6 +13,9 @@ def test_clean_outputs_keeps_results_and_drops_noise():
         nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "a"},
                                                      "text/plain": "VBox(children=...)"}),
         nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "b"}}),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "c"},
+                                                     "text/plain": "tokenising:   0%|          | 0/400 [00:00<?, ?it/s]"}),
+        nbformat.v4.new_output("display_data", data={"text/plain": "caching: 100%|##########| 9.3k/9.3k [00:03<00:00, 2.9kit/s]"}),
     ])
     nb = nbformat.v4.new_notebook(cells=[cell], metadata={"widgets": {"state": {}}})
     clean_outputs(nb, root)
@@ -21,3 +24,6 @@ def test_clean_outputs_keeps_results_and_drops_noise():
     assert outs[0]["text"] == "wrote data/full/onnx/base.onnx\n"
     assert dict(outs[1]["data"]) == {"text/plain": "VBox(children=...)"}
     assert "widgets" not in nb.metadata
+    before = nbformat.writes(nb)
+    clean_outputs(nb, root)  # a cleaned notebook (such as a committed one) stays as it is
+    assert nbformat.writes(nb) == before

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from medusa_lib.tree import PAD, build_tree, chain_paths, expected_tau, greedy_tree, rank_accuracy
+from medusa_lib.tree import PAD, build_tree, chain_paths, expected_tau, greedy_tree, rank_accuracy, save_tree
 
 
 def test_hand_worked_five_node_tree():
@@ -97,3 +97,20 @@ def test_tree_files_with_non_integer_ranks_are_refused(tmp_path, paths, topk, me
     path.write_text(json.dumps({"paths": paths, "topk": topk}))
     with pytest.raises(ValueError, match=message):
         load_tree(path, num_heads=2)
+
+
+def test_a_plan_file_round_trips_with_its_lookup_section(tmp_path):
+    from medusa_lib.tree import load_plan, prompt_lookup
+    path = tmp_path / "plan.json"
+    save_tree(path, [(0,), (1,), (0, 0)], 5, lookup={"tokens": 4, "min_ngram": 2, "paths": [[0]]})
+    tree, kwargs = load_plan(path, num_heads=2)
+    assert tree.paths == ((0,), (1,), (0, 0)) and kwargs["lookup"] == 4 and kwargs["lookup_min_ngram"] == 2
+    assert kwargs["lookup_tree"].paths == ((0,),)
+    save_tree(path, [(0,)], 5)
+    assert load_plan(path, num_heads=2)[1] == {}  # no section: no lookup
+    save_tree(path, [(0,)], 5, lookup={"min_ngram": 2})
+    with pytest.raises(ValueError, match="plan.json: the 'lookup' section needs 'tokens'"):
+        load_plan(path, num_heads=2)
+    history = np.array([5, 6, 7, 8, 9, 7])  # only the 1-gram "7" recurs
+    assert prompt_lookup(history, 2).tolist() == [8, 9] and prompt_lookup(history, 2, min_ngram=2) is None
+    assert prompt_lookup(history, 4).tolist()[:2] == prompt_lookup(history, 2).tolist()  # a longer chain extends a shorter

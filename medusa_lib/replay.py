@@ -1,0 +1,167 @@
+"""Choosing a drafting plan on held-out prompts, by replaying greedy decoding offline.
+
+Under greedy decoding the text is fixed in advance: it is the base's plain greedy reply, whatever
+the tree. So whether a tree node would be accepted can be read off once that reply is known, and
+any plan (a sub-tree, a prompt-lookup chain, a smaller tree on the steps where the lookup fires)
+can be replayed step by step without running the base again:
+
+  1 record    decode each dev prompt plainly on ORT; run the base once over prompt + reply for
+              its hidden states; at every reply position ask the heads what a large tree would
+              propose and keep the nodes whose tokens the reply confirms
+  2 simulate  walk each reply as Medusa would: a step accepts the longest confirmed path of the
+              plan's tree (or of its lookup chain), costs one verification pass of its size (the
+              measured cost curve) plus the heads' calls, and moves on by L + 1 tokens
+  3 choose    the plan with the most tokens per second; its tau is the pooled tokens per step
+
+The dev prompts are not the benchmark's (config.sizing_questions), so the benchmark's prompts
+judge a plan chosen without them.
+
+    replays = record(rt, prompts, build_tree(greedy_tree(rank_acc, 15), topk, K), 128, eos)
+    best, curve = choose_plan(replays, rank_acc, cost, heads_s, per_depth=True, lookup_tokens=(0, 3, 4))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medusa_lib.tree import TreeBuffers, greedy_tree, prompt_lookup
+
+LOOKUP_TOKENS = (0, 2, 3, 4, 5, 6, 8)  # prompt-lookup chain lengths tried (0: none)
+LOOKUP_MIN_NGRAMS = (1, 2, 3)  # shortest repeated n-gram that triggers the lookup
+MAX_BUDGET = 15  # heads' nodes (root excluded) of the largest tree recorded
+
+
+@dataclass
+class Replay:
+    prompt: np.ndarray  # (P,)
+    reply: np.ndarray  # (R,) the plain greedy reply
+    right: list[frozenset]  # R sets: with root reply[i], the tree paths whose tokens the reply confirms
+
+
+def record(rt, prompts, tree: TreeBuffers, max_new_tokens: int, eos_token_ids, progress: bool = True) -> list[Replay]:
+    """1. The plain greedy reply to each prompt and, at every reply position, the confirmed nodes of
+    `tree` (a node is confirmed when its token and all its ancestors' match the reply)."""
+    from tqdm.auto import tqdm
+
+    from medusa_lib.decoding import generate, propose, run_base
+    from medusa_lib.export import causal_bias
+
+    replays = []
+    for prompt in tqdm(prompts, desc="replaying dev prompts", disable=not progress):
+        prompt = np.asarray(prompt, dtype=np.int64)
+        reply = np.asarray(generate(rt, prompt, None, max_new_tokens, eos_token_ids=eos_token_ids)[0], dtype=np.int64)
+        full = np.concatenate([prompt, reply])  # (P+R,)
+        P = len(prompt)
+        _, hidden = run_base(rt, full, np.arange(len(full)), causal_bias(0, len(full), rt.np_dtype), 0,
+                             into_buffers=False)  # (P+R, C)
+        right = []
+        for i in range(len(reply)):  # root reply[i] at position P+i, drafted from the hidden state before it
+            tokens = propose(rt, int(reply[i]), hidden[P + i - 1], tree)  # (N,)
+            depth = tree.positions
+            ok = np.zeros(tree.size, dtype=bool)
+            ok[0] = True
+            for j in range(1, tree.size):  # parents come before children (build_tree's order)
+                parent = tree.ancestors[j, depth[j] - 1]
+                ok[j] = ok[parent] and i + depth[j] < len(reply) and tokens[j] == reply[i + depth[j]]
+            right.append(frozenset(tree.paths[j - 1] for j in np.nonzero(ok[1:])[0] + 1))
+        replays.append(Replay(prompt, reply, right))
+    return replays
+
+
+class _Lookups:
+    """Prompt-lookup chains at every reply position, found once per min_ngram at the longest length
+    tried (a shorter chain is its prefix), with how many of their tokens the reply confirms."""
+
+    def __init__(self, replays: list[Replay], longest: int):
+        self.replays, self.longest, self.memo = replays, longest, {}
+
+    def confirmed(self, r: int, i: int, min_ngram: int) -> int | None:
+        """Tokens of the longest chain the reply confirms at root reply[i]; None when no lookup fires."""
+        key = (r, i, min_ngram)
+        if key not in self.memo:
+            rep = self.replays[r]
+            history = np.concatenate([rep.prompt, rep.reply[: i + 1]])
+            chain = prompt_lookup(history, self.longest, min_ngram)
+            if chain is None:
+                self.memo[key] = None
+            else:
+                future = rep.reply[i + 1: i + 1 + self.longest]
+                same = chain[: len(future)] == future
+                self.memo[key] = int(np.cumprod(same).sum())
+        return self.memo[key]
+
+
+def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: float, per_depth: bool,
+             lookup: int = 0, min_ngram: int = 1, lookup_paths=None, lookups: _Lookups | None = None) -> dict:
+    """2. Replay a plan: tree `paths`, plus a `lookup`-token chain (and the tree `lookup_paths`) on the
+    steps where the text's last n-gram (n >= min_ngram) occurred before. Returns the steps, the
+    pooled tau (tokens per step), the modelled tokens/s and the speedup over plain decoding (one
+    pass a token), from `cost` (seconds per pass of T tokens) and `heads_s` (seconds a heads call)."""
+    sizes = np.array(sorted(cost))
+    secs = np.array([cost[s] for s in sizes])
+    lookups = lookups or _Lookups(replays, max(lookup, 1))
+    plans = {False: set(map(tuple, paths)), True: set(map(tuple, paths if lookup_paths is None else lookup_paths))}
+    step_s = {}
+    for fired, nodes in plans.items():
+        calls = (max((len(p) for p in nodes), default=0) if per_depth else int(bool(nodes)))
+        T = 1 + len(nodes) + (lookup if fired else 0)
+        step_s[fired] = float(np.interp(T, sizes, secs)) + heads_s * calls
+    tokens = steps = 0
+    seconds = 0.0
+    for r, rep in enumerate(replays):
+        i = 0
+        while i < len(rep.reply):
+            chain = lookups.confirmed(r, i, min_ngram) if lookup else None
+            fired = chain is not None
+            L = max((len(p) for p in rep.right[i] if p in plans[fired]), default=0)
+            if fired:
+                L = max(L, min(chain, lookup))
+            seconds += step_s[fired]
+            steps += 1
+            i += L + 1
+        tokens += len(rep.reply)
+    plain_s = tokens * float(np.interp(1, sizes, secs))
+    return {"steps": steps, "tau": tokens / max(steps, 1), "tok_per_s": tokens / seconds if seconds else 0.0,
+            "speedup": plain_s / seconds if seconds else 0.0}
+
+
+def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, float], heads_s: float, per_depth: bool,
+                lookup_tokens=(0,), min_ngrams=LOOKUP_MIN_NGRAMS, max_budget: int = MAX_BUDGET) -> tuple[dict, list[dict]]:
+    """3. Every plan: the greedy tree of each node budget (0..max_budget), each lookup length, each
+    trigger, and on lookup steps each smaller budget. Returns (best plan, the best per budget) as
+    dicts with nodes (root included), paths, lookup, min_ngram, lookup_paths, tau, tok_per_s, speedup."""
+    trees = [greedy_tree(rank_acc, b) if b else [] for b in range(max_budget + 1)]
+    lookups = _Lookups(replays, max(max(lookup_tokens), 1))
+    per_budget = []
+    for b, paths in enumerate(trees):
+        options = []
+        for m in lookup_tokens:
+            for g in (min_ngrams if m else (1,)):
+                for bl in (range(b + 1) if m else (b,)):
+                    res = simulate(replays, paths, cost, heads_s, per_depth, m, g, trees[bl], lookups)
+                    options.append({"nodes": b + 1, "paths": [list(p) for p in paths], "lookup": m, "min_ngram": g,
+                                    "lookup_paths": [list(p) for p in trees[bl]] if m else None, **res})
+        per_budget.append(max(options, key=lambda o: o["tok_per_s"]))
+    return max(per_budget, key=lambda o: o["tok_per_s"]), per_budget
+
+
+def confirmed_rate(replays: list[Replay], path: tuple[int, ...]) -> float:
+    """How often the node `path` is confirmed, over the reply positions it could be: the heads'
+    accuracy on these prompts (path (0,): head 0's top-1; (0, 0) over (0,): head 1's given a right head 0)."""
+    hits = total = 0
+    for rep in replays:
+        for i, right in enumerate(rep.right):
+            if i + len(path) < len(rep.reply):
+                total += 1
+                hits += tuple(path) in right
+    return hits / total if total else float("nan")
+
+
+def plan_file_fields(plan: dict) -> dict:
+    """The tree file's fields for a chosen plan (tree.save_tree(path, plan["paths"], topk, **these))."""
+    fields = {"replayed_tau": plan["tau"], "replayed_speedup": plan["speedup"]}
+    if plan["lookup"]:
+        fields["lookup"] = {"tokens": plan["lookup"], "min_ngram": plan["min_ngram"], "paths": plan["lookup_paths"]}
+    return fields
