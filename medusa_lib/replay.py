@@ -101,7 +101,8 @@ def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: floa
     pass a token), from `cost` (seconds per pass of T tokens) and `heads_s` (seconds a heads call)."""
     sizes = np.array(sorted(cost))
     secs = np.array([cost[s] for s in sizes])
-    lookups = lookups or _Lookups(replays, max(lookup, 1))
+    if lookups is None or lookups.longest < lookup:  # chains found once, at least `lookup` long
+        lookups = _Lookups(replays, max(lookup, 1))
     plans = {False: set(map(tuple, paths)), True: set(map(tuple, paths if lookup_paths is None else lookup_paths))}
     step_s = {}
     for fired, nodes in plans.items():
