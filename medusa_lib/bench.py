@@ -30,7 +30,7 @@ import numpy as np
 from medusa_lib.config import WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
-from medusa_lib.tree import build_tree, chain_paths, load_plan, save_tree, with_lookup
+from medusa_lib.tree import build_tree, chain_paths, load_plan, plan_size, save_tree
 
 ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
 ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -192,8 +192,7 @@ class Methods:
             self.lookup["hydra_pld"] = {"lookup": cfg.lookup_tokens}  # the preset's chain on the hydra tree, unless a plan says
             if pld_file is not None:
                 self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
-        max_nodes = max(max(t.size, with_lookup(self.lookup.get(name, {}).get("lookup_tree", t), self.lookup.get(name, {}).get("lookup", 0)).size)
-                        for name, t in self.trees.items())
+        max_nodes = max(plan_size(t, **self.lookup.get(name, {})) for name, t in self.trees.items())
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
                                with_heads=any(m.startswith("medusa") for m in self.methods))
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}

@@ -19,7 +19,7 @@ from medusa_lib.bench import default_tree_file
 from medusa_lib.config import get_config
 from medusa_lib.decoding import generate, load_runtime
 from medusa_lib.export import read_export_info, resolve_export_dir
-from medusa_lib.tree import load_plan
+from medusa_lib.tree import load_plan, plan_size
 
 
 def main(argv=None) -> None:
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     sequential = info.get("token_inputs") == "path"
     tree, lookup = (None, {}) if a.plain else load_plan(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,
-                      max_nodes=max(tree.size, lookup.get("lookup_tree", tree).size + lookup.get("lookup", 0)) if tree else 1)
+                      max_nodes=plan_size(tree, **lookup) if tree else 1)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(info.get("base_model") or cfg.base_model))
     text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -142,6 +142,12 @@ def with_lookup(tree: TreeBuffers, length: int) -> TreeBuffers:
                    mask=mask, retrieve_indices=retrieve, ancestors=ancestors, lookup_nodes=nodes)
 
 
+def plan_size(tree: TreeBuffers, lookup: int = 0, lookup_min_ngram: int = 1, lookup_tree: TreeBuffers | None = None) -> int:
+    """Nodes in the widest pass of a plan (a tree, with decoding.generate's lookup arguments): what
+    a runtime's max_nodes must hold."""
+    return max(tree.size, with_lookup(tree if lookup_tree is None else lookup_tree, lookup).size)
+
+
 def prompt_lookup(history: np.ndarray, length: int, min_ngram: int = 1, max_ngram: int = 3) -> np.ndarray | None:
     """The `length` tokens that followed the last earlier occurrence of the text's final n-gram
     (n = max_ngram .. min_ngram), padded with their last token; None when no such n-gram recurs.
