@@ -94,7 +94,7 @@ def prompt_ids(tokenizer, question: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 # Tree sized for the hardware
 
-def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 9) -> dict[int, float]:
+def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 25) -> dict[int, float]:
     """Seconds for one base forward of T tokens on top of `prefix` cached tokens, per T (median).
     The sizes are measured round-robin, one pass of each per round, so that a slow spell of a shared
     machine falls on every size alike instead of bending the curve at a few."""

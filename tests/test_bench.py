@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medusa_lib.bench import _aggregate, load_questions
-from medusa_lib.replay import Replay, choose_plan, simulate
+from medusa_lib.replay import Replay, choose_plan, monotone_cost, simulate
 from medusa_lib.config import get_config
 
 
@@ -39,6 +39,17 @@ def test_simulate_walks_the_reply_and_prices_each_step():
     shallow = simulate([rep], [(0,)], cost, heads_s, per_depth=False)  # 0 (L=1), 2, 3 (L=1), 5
     assert shallow["steps"] == 4 and shallow["tau"] == 1.5
     assert shallow["tok_per_s"] == pytest.approx(6 / (4 * (0.011 + heads_s)))
+
+
+def test_monotone_cost_pools_readings_that_go_down():
+    assert monotone_cost({1: 1.0, 2: 2.0, 3: 3.0}) == {1: 1.0, 2: 2.0, 3: 3.0}  # already rising: unchanged
+    # 3.0 > 2.0 are pooled to their mean 2.5, which is above the next reading 2.2: all three pooled (2.4)
+    assert monotone_cost({1: 1.0, 4: 3.0, 5: 2.0, 6: 2.2, 8: 4.0}) == pytest.approx(
+        {1: 1.0, 4: 2.4, 5: 2.4, 6: 2.4, 8: 4.0})
+    # simulate prices a 5-token pass like the 4-token one, never below it
+    rep = synthetic_replay()
+    dip = simulate([rep], [(0,), (0, 0), (1,), (2,)], {1: 0.010, 4: 0.014, 5: 0.012}, 0.0, per_depth=False)
+    assert dip["tok_per_s"] == pytest.approx(6 / (dip["steps"] * 0.013))
 
 
 def test_simulate_takes_the_lookup_chain_where_the_text_repeats():
