@@ -13,6 +13,7 @@ can be replayed step by step without running the base again:
               measured cost curve, made non-decreasing by `monotone_cost`) plus the heads' calls,
               and moves on by L + 1 tokens
   3 choose    the plan with the most tokens per second; its tau is the pooled tokens per step
+  4 check     after the benchmark: the promise against what was measured (`replay_vs_measured`)
 
 The dev prompts are not the benchmark's (config.sizing_questions), so the benchmark's prompts
 judge a plan chosen without them.
@@ -176,6 +177,35 @@ def confirmed_rate(replays: list[Replay], path: tuple[int, ...]) -> float:
                 total += 1
                 hits += tuple(path) in right
     return hits / total if total else float("nan")
+
+
+def replay_vs_measured(plans: dict[str, dict], result: dict, cost: dict[int, float]):
+    """4. What the replay promised (on the sizing prompts) against what the benchmark measured (on
+    its own prompts), per method: tau, ms per step and the speedup over plain decoding.
+
+    ms per step (tau over tokens/s) tells the cost model from the prompts: tau may differ because
+    the sizing prompts are not the benchmark's, but a step of the same plan should cost what was
+    priced. Row "ort" sets the curve's one-token pass beside ort's measured ms per token: far apart,
+    the machine was busier during one of them and every price is off by as much."""
+    import pandas as pd
+
+    measured = result["methods"]
+    fit = monotone_cost(cost)
+    plain_s = float(np.interp(1, sorted(fit), [fit[T] for T in sorted(fit)]))  # a plain token, as `simulate` prices it
+    rows = {}
+    if "ort" in measured:
+        rows["ort"] = {"replayed tau": 1.0, "measured tau": 1.0, "replayed ms/step": plain_s * 1e3,
+                       "measured ms/step": 1e3 / measured["ort"]["decode_tok_per_s"],
+                       "replayed speedup": 1.0, "measured speedup": 1.0}
+    for method, plan in plans.items():
+        if method not in measured:
+            continue
+        got = measured[method]
+        rows[method] = {"replayed tau": plan["tau"], "measured tau": got["tau"],
+                        "replayed ms/step": 1e3 * plan["tau"] / plan["tok_per_s"],
+                        "measured ms/step": 1e3 * got["tau"] / got["decode_tok_per_s"],
+                        "replayed speedup": plan["speedup"], "measured speedup": got.get("speedup_vs_ort", float("nan"))}
+    return pd.DataFrame(rows).T
 
 
 def plan_file_fields(plan: dict) -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from medusa_lib.bench import _aggregate, load_questions
-from medusa_lib.replay import Replay, choose_plan, monotone_cost, simulate
+from medusa_lib.replay import Replay, choose_plan, monotone_cost, replay_vs_measured, simulate
 from medusa_lib.config import get_config
 
 
@@ -73,6 +73,22 @@ def test_choose_plan_trades_tau_against_cost():
     assert flat["nodes"] >= 3 and flat["tau"] == 2.0  # (0,) and (0, 0) both in the tree
     assert steep["nodes"] == 2 and steep["paths"] == [[0]]  # a third node costs more than it brings
     assert [c["nodes"] for c in curve] == [1, 2, 3, 4, 5]
+
+
+def test_replay_vs_measured_sets_each_promise_beside_the_benchmark():
+    rep = synthetic_replay()
+    cost = {1: 0.010, 4: 0.013}
+    plan = simulate([rep], [(0,), (0, 0)], cost, 0.001, per_depth=True)  # tau 2, a step priced 12 + 2 ms
+    result = {"methods": {"ort": {"decode_tok_per_s": 80.0, "tau": 1.0, "speedup_vs_ort": 1.0},
+                          "hydra_tree": {"decode_tok_per_s": 100.0, "tau": 1.6, "speedup_vs_ort": 1.25}}}
+    table = replay_vs_measured({"hydra_tree": plan, "medusa_tree": plan}, result, cost)
+    assert list(table.index) == ["ort", "hydra_tree"]  # a method the benchmark did not run has no row
+    row = table.to_dict("index")
+    assert row["ort"]["replayed ms/step"] == pytest.approx(10.0)  # the curve's one-token pass
+    assert row["ort"]["measured ms/step"] == pytest.approx(12.5)  # 1000 / 80 tok/s: a busier machine
+    assert row["hydra_tree"]["replayed ms/step"] == pytest.approx(14.0)
+    assert row["hydra_tree"]["measured ms/step"] == pytest.approx(16.0)  # 1.6 tokens a step at 100 tok/s
+    assert row["hydra_tree"]["replayed tau"] == 2.0 and row["hydra_tree"]["measured speedup"] == 1.25
 
 
 def test_aggregate_counts_tokens_over_time():
