@@ -111,15 +111,20 @@ def monotone_cost(cost: dict[int, float]) -> dict[int, float]:
     return dict(zip(sorted(cost), values))
 
 
+def priced_curve(cost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(sizes, seconds) of the cost curve as the replay prices it (`monotone_cost`), for np.interp."""
+    fit = monotone_cost(cost)
+    sizes = np.array(sorted(fit))
+    return sizes, np.array([fit[T] for T in sizes])
+
+
 def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: float, per_depth: bool,
              lookup: int = 0, min_ngram: int = 1, lookup_paths=None, lookups: _Lookups | None = None) -> dict:
     """2. Replay a plan: tree `paths`, plus a `lookup`-token chain (and the tree `lookup_paths`) on the
     steps where the text's last n-gram (n >= min_ngram) occurred before. Returns the steps, the
     pooled tau (tokens per step), the modelled tokens/s and the speedup over plain decoding (one
     pass a token), from `cost` (seconds per pass of T tokens) and `heads_s` (seconds a heads call)."""
-    cost = monotone_cost(cost)
-    sizes = np.array(sorted(cost))
-    secs = np.array([cost[s] for s in sizes])
+    sizes, secs = priced_curve(cost)
     if lookups is None or lookups.longest < lookup:  # chains found once, at least `lookup` long
         lookups = _Lookups(replays, max(lookup, 1))
     plans = {False: set(map(tuple, paths)), True: set(map(tuple, paths if lookup_paths is None else lookup_paths))}
@@ -190,8 +195,7 @@ def replay_vs_measured(plans: dict[str, dict], result: dict, cost: dict[int, flo
     import pandas as pd
 
     measured = result["methods"]
-    fit = monotone_cost(cost)
-    plain_s = float(np.interp(1, sorted(fit), [fit[T] for T in sorted(fit)]))  # a plain token, as `simulate` prices it
+    plain_s = float(np.interp(1, *priced_curve(cost)))  # a plain token, as `simulate` prices it
     rows = {}
     if "ort" in measured:
         rows["ort"] = {"replayed tau": 1.0, "measured tau": 1.0, "replayed ms/step": plain_s * 1e3,
