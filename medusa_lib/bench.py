@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,12 +199,24 @@ class Methods:
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
         if hydra_info is not None:  # the same base session and cache, the sequential heads
             self.runtimes["hydra_tree"] = self.runtimes["hydra_pld"] = with_heads_of(self.rt, hydra_dir)
+        self._reference = None
         self.llama = None
         if "llamacpp" in self.methods:
             from llama_cpp import Llama
             from medusa_lib.base import embedded_gguf_path
             self.llama = Llama(model_path=str(embedded_gguf_path()), n_ctx=cfg.kv_capacity, n_threads=threads or os.cpu_count(),
                                verbose=False)
+
+    def reference_model(self):
+        """The base in Hugging Face in fp32 on the config's device, which judges a divergence from
+        `ort` (loaded at the first one; the `hf` methods' model when that is already fp32)."""
+        if self._reference is None:
+            if self.model is not None and next(self.model.parameters()).dtype == self.torch.float32:
+                self._reference = self.model
+            else:
+                from medusa_lib.base import load_base
+                self._reference, _ = load_base(self.cfg.base_model, self.cfg.device, "float32")
+        return self._reference
 
     def run(self, name: str, ids: list[int], max_new_tokens: int):
         from medusa_lib.decoding import generate
@@ -305,12 +318,49 @@ def check_out_path(out: str | Path) -> Path:
     return out
 
 
-def hydra_paths_for(cfg: WorkbookConfig, hydra_tree: str | Path | None) -> tuple[Path, Path]:
-    """The sequential heads' export (data/<preset>/hydra/onnx, exported on first use) and tree."""
+def hydra_paths_for(cfg: WorkbookConfig, hydra_tree: str | Path | None, hydra_heads: str | Path | None = None) -> tuple[Path, Path]:
+    """The sequential heads' export (data/<preset>/hydra/onnx, or `hydra_heads`' export, exported on
+    first use) and tree."""
     from medusa_lib.train import run_dir
 
-    export_dir = resolve_export_dir(cfg, run_dir(hydra_config(cfg)))
+    export_dir = resolve_export_dir(cfg, hydra_heads or run_dir(hydra_config(cfg)))
     return export_dir, Path(hydra_tree) if hydra_tree else default_tree_file(cfg, sequential=True)
+
+
+def reuse_heads(cfg: WorkbookConfig, source: str | Path) -> dict[str, Path]:
+    """Heads trained under another preset's folder (`--heads-from data/full`), for benchmarking them
+    with this preset's runtime settings (the GPU measurement: the `full` heads on the `gpu` preset's
+    fp16 graphs, CUDA provider and tree size) without training again. The Medusa-1 and the sequential
+    checkpoints are copied into data/<preset>/heads-from-<source>/ (never into the preset's own heads
+    folders, which notebook 02 owns), and notebook 03's rule builds each one's tree there: cfg.tree_nodes
+    nodes, greedy on the accuracies in the heads' log.csv. What is there already is kept.
+    Returns the benchmark's arguments: heads, hydra_heads, tree, hydra_tree."""
+    from medusa_lib.tree import expected_tau, greedy_tree, rank_accuracy
+
+    source = Path(source)
+    target = cfg.data_dir / f"heads-from-{source.resolve().name}"
+    args = {}
+    for kind, arg, tree_arg in (("heads", "heads", "tree"), ("hydra", "hydra_heads", "hydra_tree")):
+        src, dst = source / kind, target / kind
+        if not (dst / "heads_config.json").is_file():
+            missing = [n for n in ("heads_config.json", "heads.safetensors", "log.csv") if not (src / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"--heads-from {source}: {src} lacks {missing}; point to a preset's data folder "
+                                        f"whose notebook 02 has trained both kinds of heads (e.g. data/full).")
+            tmp = dst.with_name(dst.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for n in ("heads_config.json", "heads.safetensors", "log.csv"):
+                shutil.copy2(src / n, tmp / n)
+            os.replace(tmp, dst)
+        tree = target / "trees" / f"{'tree_hydra' if kind == 'hydra' else 'tree'}.json"
+        if not tree.is_file():
+            rank_acc = rank_accuracy(final_accuracies(dst / "log.csv"))
+            paths = greedy_tree(rank_acc, cfg.tree_nodes)
+            save_tree(tree, paths, cfg.topk, expected_tau=expected_tau(paths, rank_acc),
+                      source=f"notebook 03's rule ({cfg.tree_nodes} nodes) on {src}")
+        args[arg], args[tree_arg] = dst, tree
+    return args
 
 
 def pld_plan_file(cfg: WorkbookConfig, pld_plan: str | Path | None) -> Path | None:
@@ -327,7 +377,8 @@ def pld_plan_file(cfg: WorkbookConfig, pld_plan: str | Path | None) -> Path | No
 def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
                   max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
                   heads: str | None = None, threads: int | None = None, memory: bool = True,
-                  progress: bool = True, hydra_tree: str | None = None, pld_plan: str | None = None) -> dict:
+                  progress: bool = True, hydra_tree: str | None = None, pld_plan: str | None = None,
+                  hydra_heads: str | None = None) -> dict:
     from tqdm.auto import tqdm
 
     limit = cfg.bench_prompts if limit is None else limit
@@ -349,7 +400,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
     hydra_dir = hydra_tree_file = hydra_tree_paths = pld_file = None
     if {"hydra_tree", "hydra_pld"} & set(methods):
-        hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree)
+        hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
         hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
         pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in methods else None
     if "ort" not in methods:
@@ -384,9 +435,9 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         for name in methods:
             same = outputs[name] == outputs["ort"]
             per_method[name][-1]["identical_to_ort"] = same
-            if not same and runner.model is not None:
+            if not same:
                 divergences.append({"method": name, "question_id": q["question_id"],
-                                    **divergence(runner.model, ids, outputs[name], outputs["ort"])})
+                                    **divergence(runner.reference_model(), ids, outputs[name], outputs["ort"])})
     bar.close()
     mem = {}
     if memory:
@@ -449,12 +500,22 @@ def main(argv=None) -> None:
     p.add_argument("--hydra-tree", help="tree for the sequential heads (default: data/<preset>/trees/tree_hydra*.json)")
     p.add_argument("--pld-plan", help="hydra_pld's tree file with a 'lookup' section (default: trees/tree_hydra_pld_device.json)")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--hydra-heads", help="sequential heads checkpoint or export folder (default: data/<preset>/hydra)")
+    p.add_argument("--heads-from", help="a data folder of another preset (e.g. data/full): benchmark its trained heads with this "
+                   "preset's settings, on trees of this preset's size (see reuse_heads)")
     p.add_argument("--cost-curve", action="store_true", help="also measure ms per verification pass at the preset's cost_curve_sizes")
     a = p.parse_args(argv)
     cfg = get_config(a.preset)
     out = check_out_path(a.out if a.out else cfg.data_dir / "bench" / "results.json")
+    if a.heads_from:
+        reused = reuse_heads(cfg, a.heads_from)
+        a.heads, a.hydra_heads = a.heads or reused["heads"], a.hydra_heads or reused["hydra_heads"]
+        a.tree, a.hydra_tree = a.tree or reused["tree"], a.hydra_tree or reused["hydra_tree"]
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
-                           a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan)
+                           a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan,
+                           hydra_heads=a.hydra_heads)
+    if a.heads_from:
+        result["settings"]["heads_from"] = str(a.heads_from)
     if a.cost_curve:
         from medusa_lib.decoding import load_runtime
         rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,

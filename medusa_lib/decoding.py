@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,9 @@ def _session_options(threads: int = 0, spin: bool = False) -> ort.SessionOptions
 def _session(path: Path, options, providers) -> ort.InferenceSession:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: re-export (notebook 04, or --heads DIR exports a checkpoint).")
+    # fp32 graphs stay fp32 on a GPU: ORT's CUDA provider otherwise rounds matmul inputs to TF32 (a 10-bit
+    # mantissa), and a wide verification pass would then round differently from a one-token pass
+    providers = [(p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in providers]
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # ORT raises its own exception types for a damaged protobuf
@@ -121,6 +125,14 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     providers = execution_providers(provider)
     options = _session_options(threads, spin)
     base = _session(export_dir / BASE_FILE, options, providers)
+    if base.get_providers()[0] != providers[0]:  # ORT falls back to the CPU when its CUDA provider cannot load
+        why = (f"ONNX Runtime could not start its CUDA provider for {export_dir / BASE_FILE} (usually CUDA 13's libcublas, "
+               f"libcudart or libcudnn are not found): add the nvidia/*/lib folders of the CUDA wheels to LD_LIBRARY_PATH "
+               f"or call onnxruntime.preload_dlls() before loading")
+        if provider == "cuda":
+            raise RuntimeError(why + ".")
+        warnings.warn(why + "; decoding on the CPU now.")
+        providers = ["CPUExecutionProvider"]
     heads, embed = [], None
     if with_heads:
         heads = [_session(export_dir / name, options, providers) for name in info["files"].get("heads", [])]
@@ -171,23 +183,24 @@ def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.nd
     else:
         io.bind_cpu_input("attention_bias", bias.astype(rt.np_dtype, copy=False))
     if into_buffers:
-        io.bind_output("logits", dev, dev_id, rt.np_dtype, [1, T, rt.logits_buf.shape[2]], rt.logits_buf.data_ptr())
-        io.bind_output("hidden_states", dev, dev_id, rt.np_dtype, [1, T, rt.hidden_buf.shape[2]], rt.hidden_buf.data_ptr())
-    else:  # ORT allocates; bound first so that copy_outputs_to_cpu() lists them first
-        io.bind_output("logits", dev, dev_id)
-        io.bind_output("hidden_states", dev, dev_id)
+        logits, hidden = rt.logits_buf, rt.hidden_buf
+    else:  # the prefill: outputs of its own size, on the runtime's device
+        logits = torch.empty(1, T, rt.logits_buf.shape[2], dtype=rt.cache.dtype, device=rt.device)  # (1, T, V)
+        hidden = torch.empty(1, T, rt.hidden_buf.shape[2], dtype=rt.cache.dtype, device=rt.device)  # (1, T, C)
+    io.bind_output("logits", dev, dev_id, rt.np_dtype, [1, T, logits.shape[2]], logits.data_ptr())
+    io.bind_output("hidden_states", dev, dev_id, rt.np_dtype, [1, T, hidden.shape[2]], hidden.data_ptr())
     kv_shape = rt.cache.shape[3:]
     row_bytes = rt.cache[0, 0, 0].numel() * rt.cache.element_size()
     for j, (name_in, name_out) in enumerate(zip(rt.names_in[3:], rt.names_out[2:])):
         ptr = rt.cache[j].data_ptr()  # (1, capacity, Hkv, D) rows are contiguous
         io.bind_input(name_in, dev, dev_id, rt.np_dtype, [1, n, *kv_shape], ptr)
         io.bind_output(name_out, dev, dev_id, rt.np_dtype, [1, T, *kv_shape], ptr + n * row_bytes)
+    if rt.device.type == "cuda":  # ORT runs on its own CUDA stream: torch's writes (bias, compacted cache) must land first
+        torch.cuda.synchronize(rt.device)
     rt.base.run_with_iobinding(io)
-    if into_buffers:
-        return rt.logits_buf[0, :T], rt.hidden_buf[0, :T]  # (T, V), (T, C)
-    logits, hidden = io.get_outputs()[:2]
-    return (torch.from_numpy(logits.numpy()[0]).to(rt.device),
-            torch.from_numpy(hidden.numpy()[0]).to(rt.device))  # (T, V), (T, C)
+    if rt.device.type == "cuda":
+        io.synchronize_outputs()  # and ORT's outputs before torch reads them
+    return logits[0, :T], hidden[0, :T]  # (T, V), (T, C)
 
 
 def run_heads(rt: OrtRuntime, hidden: torch.Tensor, root: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -266,11 +266,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
 
 
 def export_fp16(cfg) -> bool:
-    """cfg.export_dtype resolved: "auto" is float16 where ONNX Runtime's CUDA provider and a GPU are
-    usable (half the bytes per token, tensor cores), float32 otherwise (ORT's CPU kernels are fp32)."""
-    if cfg.export_dtype == "auto":
-        import onnxruntime as ort
-        return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    """Whether cfg asks for fp16 graphs (export_dtype "float16": faster on a GPU, not lossless there)."""
     return cfg.export_dtype == "float16"
 
 

@@ -127,3 +127,32 @@ def test_zero_prompts_or_tokens_are_refused_not_replaced_by_the_default():
         run_benchmark(get_config("tiny"), max_new_tokens=0)
 
 
+
+
+def test_heads_from_another_preset_are_copied_beside_its_own_with_trees_of_its_size(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from medusa_lib.bench import reuse_heads
+    from medusa_lib.files import read_json
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path / "data"))
+    source = tmp_path / "data" / "full"
+    for kind in ("heads", "hydra"):
+        folder = source / kind
+        folder.mkdir(parents=True)
+        (folder / "heads_config.json").write_text('{"num_heads": 3}')
+        (folder / "heads.safetensors").write_bytes(b"weights of " + kind.encode())
+        rows = [{"split": "eval", "step": 100, "head": h, **{f"acc@{k}": min(1.0, 0.5 / (h + 1) + 0.05 * k) for k in range(1, 6)}}
+                for h in range(3)]
+        pd.DataFrame(rows).to_csv(folder / "log.csv", index=False)
+    cfg = get_config("gpu", tree_nodes=7)
+    args = reuse_heads(cfg, source)
+    assert args["heads"] == cfg.data_dir / "heads-from-full" / "heads"
+    assert (args["hydra_heads"] / "heads.safetensors").read_bytes() == b"weights of hydra"
+    for key in ("tree", "hydra_tree"):
+        assert len(read_json(args[key])["paths"]) == 7  # the gpu preset's tree size (root excluded), not the source's
+    assert not (cfg.data_dir / "heads").exists() and not (cfg.data_dir / "hydra").exists()  # notebook 02's folders untouched
+    (source / "heads" / "heads.safetensors").write_bytes(b"retrained")
+    assert reuse_heads(cfg, source) == args
+    assert (args["heads"] / "heads.safetensors").read_bytes() == b"weights of heads"  # what was copied is kept
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        reuse_heads(cfg, tmp_path / "data" / "tiny")
