@@ -1,4 +1,5 @@
-"""The run-comparison widget of notebook 02: choose settings, press Train, see every run overlaid.
+"""The run-comparison widget of notebook 02: choose settings, press Train, see every run overlaid;
+and notebook 03's curve explorer (`runs_explorer`: a metric menu and a smoothing slider).
 
 A click trains `click_config(...)` into its own folder, `train.run_dir` (data/<preset>/runs/<what
 differs>/), so the runs that notebooks 03-06 read (heads/, hydra/) are never written. The same
@@ -65,4 +66,32 @@ def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int
     button.on_click(on_train)
     box = W.VBox([*sliders.values(), button, out])
     box.button, box.output, box.sliders = button, out, sliders
+    return box
+
+
+def runs_explorer(logs: dict, metrics=("acc@1", "acc@5", "cacc@1", "cacc@5", "loss")):
+    """A metric menu and a smoothing slider over `plotting.plot_runs` (an ipywidgets VBox; `.metric`,
+    `.smooth` and `.output` are reachable as attributes). Each figure is put into the output area as
+    display data, never through the Output widget's capture or `clear_output`: headless runs (nbclient,
+    as CI runs the notebooks) sat ~20 minutes after `ipywidgets.interactive` drew its first figure so."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from medusa_lib.plotting import plot_runs
+
+    metric = W.Dropdown(options=list(metrics), value=metrics[0], description="metric")
+    smooth = W.IntSlider(value=1, min=1, max=10, description="smooth")
+    out = W.Output()
+
+    def draw(_=None):
+        fig = plot_runs(logs, metric.value, smooth=smooth.value)
+        out.outputs = ()
+        out.append_display_data(fig)
+        plt.close(fig)  # shown once, in the output area
+
+    metric.observe(draw, "value")
+    smooth.observe(draw, "value")
+    draw()
+    box = W.VBox([W.HBox([metric, smooth]), out])
+    box.metric, box.smooth, box.output = metric, smooth, out
     return box

@@ -318,3 +318,17 @@ def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp
     clicked = run_dir(click_config(cfg, 2, cfg.num_layers, "none", cfg.lr, 10))
     assert clicked.parent.name == "runs" and (clicked / "log.csv").is_file()
     assert set(finished_runs(cfg)) == {heads_dir(cfg).name, clicked.name}  # what the overlay plots
+
+
+def test_the_curve_explorer_redraws_into_its_output_without_capturing():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from medusa_lib.widget import runs_explorer
+    rows = [{"split": "eval", "step": s, "head": h, "acc@1": 0.1 * s + h, "loss": 3.0 - 0.1 * s} for s in (1, 2, 3) for h in (0, 1)]
+    plt.close("all")
+    box = runs_explorer({"run": pd.DataFrame(rows)}, metrics=("acc@1", "loss"))
+    first = box.output.outputs
+    assert len(first) == 1 and first[0]["output_type"] == "display_data" and not plt.get_fignums()
+    box.metric.value = "loss"  # a change redraws: one figure again, a new one, none left open
+    assert len(box.output.outputs) == 1 and box.output.outputs[0] is not first[0] and not plt.get_fignums()
