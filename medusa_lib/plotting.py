@@ -36,7 +36,8 @@ def save(fig, name: str, cfg: WorkbookConfig) -> Path:
 def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1, with_train: bool = False):
     """Eval curves of several training runs, one panel per head: `logs` maps a run's name to its
     log.csv DataFrame (train.read_log). `with_train` adds the training loss, dashed (metric "loss"
-    only: the gap between the two is overfitting). Returns the figure."""
+    only: the gap between the two is overfitting). A run keeps one colour in every panel and is named
+    once in the legend, also when it has fewer heads than the others. Returns the figure."""
     import pandas as pd
 
     evals = {name: log[log.split == "eval"] for name, log in logs.items()}
@@ -44,18 +45,29 @@ def plot_runs(logs: dict, metric: str = "acc@1", heads=None, smooth: int = 1, wi
     heads = [h for h in all_heads if heads is None or h in heads]
     fig, axes = figure(ncols=max(1, len(heads)), width=3.4)
     axes = list(axes) if len(heads) > 1 else [axes]
+    palette = plt.get_cmap("tab10" if len(logs) <= 10 else "tab20").colors
+    style = {name: (palette[i % len(palette)], "-" if i < len(palette) else "-.") for i, name in enumerate(logs)}
     for ax, h in zip(axes, heads):
         for name, ev in evals.items():
+            color, ls = style[name]
             g = ev[ev["head"] == h]
             if len(g):
-                line, = ax.plot(g.step, pd.to_numeric(g[metric]).rolling(smooth, min_periods=1).mean(), label=name)
+                ax.plot(g.step, pd.to_numeric(g[metric]).rolling(smooth, min_periods=1).mean(), color=color, ls=ls,
+                        label=name)
             tr = logs[name][(logs[name].split == "train") & (logs[name]["head"] == h)].dropna(subset=["loss"])
             if with_train and metric == "loss" and len(tr):
-                ax.plot(tr.step, tr["loss"].rolling(smooth, min_periods=1).mean(), ls="--", color=line.get_color(),
+                ax.plot(tr.step, tr["loss"].rolling(smooth, min_periods=1).mean(), ls="--", color=color,
                         label=f"{name} (train)")
         ax.set_title(f"head {h} (t+{h + 2})"); ax.set_xlabel("step")
     axes[0].set_ylabel("loss: eval solid, train dashed" if with_train and metric == "loss" else f"eval {metric}")
-    axes[-1].legend(fontsize=7)
+    legend = {}  # label -> line, over every panel: a run with fewer heads has no line in the last one
+    for ax in axes:
+        for line, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, line)
+    if len(legend) <= 6:
+        axes[-1].legend(legend.values(), legend.keys(), fontsize=7)
+    else:  # beside the panels, not over the last one
+        fig.legend(legend.values(), legend.keys(), fontsize=7, loc="outside right upper")
     return fig
 
 

@@ -338,24 +338,26 @@ class RunFolderTaken(ValueError):
     """The output folder holds a run with other settings."""
 
 
-def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, scheduler, generator) -> tuple[int, list]:
+def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, scheduler,
+             generator) -> tuple[int, list, float | None]:
     """Resume from out_dir's last checkpoint when it is this run's; refuse a folder that holds
-    another run's heads (they are never overwritten), unless `resume` is False (start afresh)."""
+    another run's heads (they are never overwritten), unless `resume` is False (start afresh).
+    Returns (step, log rows, training seconds so far: None from a checkpoint that did not record them)."""
     if not state_path.is_file():
-        return 0, []
+        return 0, [], 0.0
     state = torch.load(state_path, weights_only=False)
     if state["run_key"] != run_key:
         if resume:
             raise RunFolderTaken(f"{state_path.parent} holds heads trained with other settings: they are kept. Train "
                                  f"into another folder (out_dir / --out; run_dir(cfg) names one per setting), or "
                                  f"pass resume=False / --fresh to replace them.")
-        return 0, []
+        return 0, [], 0.0
     if not resume:
-        return 0, []
+        return 0, [], 0.0
     heads.load_state_dict(state["heads"]); optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"]); generator.set_state(state["generator"])
     print(f"resuming from step {state['step']} ({state_path})")
-    return state["step"], [r for r in state["log"] if int(r["step"]) <= state["step"]]
+    return state["step"], [r for r in state["log"] if int(r["step"]) <= state["step"]], state.get("train_seconds")
 
 
 @dataclass
@@ -375,6 +377,13 @@ class Run:
     eval_hidden: torch.Tensor  # (E, C)
     rows: list  # log rows so far
     sampler_state: torch.Tensor  # the batch sampler's state as of the last completed step
+    seconds_before: float | None  # training seconds of earlier calls (None: not recorded by an old checkpoint)
+    started: float = dataclasses.field(default_factory=time.time)  # when this call began training
+    saved_seconds: float | None = None  # train_seconds() as of the last checkpoint
+
+    def train_seconds(self) -> float | None:
+        """Wall seconds this run has trained, over every call that resumed it."""
+        return None if self.seconds_before is None else self.seconds_before + time.time() - self.started
 
     def checkpoint(self, step: int) -> None:
         """heads.safetensors, log.csv and training_state.pt as of `step`, each written atomically."""
@@ -382,13 +391,14 @@ class Run:
         if not self.accelerator.is_main_process:
             return
         log = [r for r in self.rows if int(r["step"]) <= step]
+        seconds = self.saved_seconds = self.train_seconds()
         save_heads(unwrapped, self.out_dir, {"step": step, "label_source": self.cfg.label_source,
-                                             "head_target": self.cfg.head_target})
+                                             "head_target": self.cfg.head_target, "train_seconds": seconds})
         _write_log(self.out_dir / "log.csv", log)
         with atomic_path(self.out_dir / "training_state.pt") as tmp:
             torch.save({"run_key": self.run_key, "step": step, "heads": unwrapped.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "generator": self.sampler_state, "log": log}, tmp)
+                        "generator": self.sampler_state, "log": log, "train_seconds": seconds}, tmp)
 
     def evaluate(self, step: int, train_loss: torch.Tensor) -> None:
         """Score the eval sample; append one eval row and one train row (mean loss since the last) per head."""
@@ -411,7 +421,9 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     with the same settings; a folder holding another run's heads is refused (see _restore).
     `embed` (V, C) is the base's input embedding table, needed by heads that see tokens.
     `on_eval(rows)` is called after each evaluation (live plots).
-    Returns {"heads": MedusaHeads, "log": [rows], "seconds": float, "resumed_from": int}."""
+    Returns {"heads": MedusaHeads, "log": [rows], "seconds": this call's seconds, "resumed_from": int,
+    "train_seconds": the run's training seconds over all its calls as of its last checkpoint (None when an
+    old checkpoint did not record them)}."""
     out_dir = Path(out_dir)
     use_cuda = torch.cuda.is_available() and lm_head.is_cuda
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
@@ -429,7 +441,8 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
     generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    start, rows = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler, generator)
+    start, rows, seconds_before = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler,
+                                           generator)
     heads, optimizer = accelerator.prepare(heads, optimizer)
     lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
     train_lm_head = lm_head.to(torch.bfloat16) if accelerator.mixed_precision == "bf16" else lm_head  # cast once
@@ -442,7 +455,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
     evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
     run = Run(cfg, out_dir, run_key, accelerator, heads, optimizer, scheduler, lm_head, embed, evals,
-              eval_cache["hidden"][evals.rows], rows, generator.get_state())
+              eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before)
 
     # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
     t0 = time.time()
@@ -484,7 +497,23 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         bar.close()
     if start >= cfg.train_steps:
         _write_log(out_dir / "log.csv", rows)
-    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start}
+    train_seconds = seconds_before if start >= cfg.train_steps else run.saved_seconds
+    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start,
+            "train_seconds": train_seconds}
+
+
+def training_time(result: dict) -> str:
+    """How long a run_training result trained, in words (a finished run called again trains for 0 s,
+    which is not what a notebook should print)."""
+    total, start = result["train_seconds"], result["resumed_from"]
+    steps = int(result["log"][-1]["step"]) if result["log"] else 0
+    if start >= steps:
+        return (f"{steps} steps, trained earlier in {total:,.0f} s (finished: nothing to resume)" if total is not None
+                else f"{steps} steps, trained earlier (finished: nothing to resume; its time was not recorded)")
+    if start == 0:
+        return f"{steps} steps trained in {result['seconds']:,.0f} s"
+    return (f"{steps} steps: resumed at step {start}, {result['seconds']:,.0f} s now"
+            + (f", {total:,.0f} s in all" if total is not None else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +599,11 @@ def finished_runs(cfg: WorkbookConfig) -> dict[str, Path]:
 
 def train_job(cfg: WorkbookConfig) -> None:
     """Entry point for accelerate.notebook_launcher: every process loads the base and trains."""
-    run_training(cfg)
+    from accelerate import PartialState
+
+    result = run_training(cfg)
+    if PartialState().is_main_process:
+        print(f"Medusa-1 heads: {training_time(result)} -> {result['out_dir']}")
 
 
 def main(argv=None) -> None:
@@ -596,7 +629,7 @@ def main(argv=None) -> None:
         if row["split"] == "eval":
             print(f"head {row['head']}: loss {row['loss']:.3f} top-1 {row['acc@1']:.3f} top-5 {row['acc@5']:.3f} "
                   f"top-1 given a right path {row['cacc@1']:.3f}")
-    print(f"trained in {result['seconds']:.0f} s; heads in {result['out_dir']}")
+    print(f"{training_time(result)}; heads in {result['out_dir']}")
 
 
 if __name__ == "__main__":

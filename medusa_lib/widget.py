@@ -33,7 +33,7 @@ def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int
     from IPython.display import clear_output, display
 
     from medusa_lib.plotting import plot_runs
-    from medusa_lib.train import finished_runs, read_log, run_training
+    from medusa_lib.train import finished_runs, read_log, run_training, training_time
 
     sliders = dict(num_heads=W.IntSlider(cfg.num_heads, 1, 5, description="heads"),
                    num_layers=W.IntSlider(cfg.num_layers, 1, 3, description="layers/head"),
@@ -55,8 +55,10 @@ def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int
         try:
             run_cfg = click_config(cfg, **{name: s.value for name, s in sliders.items()})
             with out:
-                run_training(run_cfg, model, tokenizer, caches=caches, on_eval=show_runs)
+                result = run_training(run_cfg, model, tokenizer, caches=caches, on_eval=show_runs)
             show_runs()
+            with out:
+                print(f"{training_time(result)} -> {result['out_dir']}")
         except Exception as err:  # shown here, not in the server log
             with out:
                 print(f"Training failed: {err}")

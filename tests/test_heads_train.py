@@ -9,7 +9,7 @@ from medusa_lib.config import get_config, hydra_config
 from medusa_lib.heads import (HeadsConfig, MedusaHeads, export_medusa_layout, import_medusa_layout, load_heads,
                               save_heads)
 from medusa_lib.train import (IGNORE, TEACHER_TOPK, RunFolderTaken, Targets, build_hidden_cache, evaluate_heads,
-                              frequent_vocab, head_targets, load_hidden_cache, run_dir, train_heads)
+                              frequent_vocab, head_targets, load_hidden_cache, run_dir, train_heads, training_time)
 
 C, V = 16, 50
 
@@ -121,6 +121,19 @@ def test_interrupted_run_resumes_from_its_saved_step(tmp_path):
     assert resumed["resumed_from"] == 20
     for a, b in zip(full.state_dict().values(), resumed["heads"].state_dict().values()):
         assert torch.equal(a, b)  # bit-identical to the uninterrupted run
+    assert resumed["train_seconds"] > 0  # the interrupted call's seconds and this one's
+    assert training_time(resumed).startswith("40 steps: resumed at step 20, ")
+
+
+def test_a_finished_run_called_again_says_how_long_it_trained_not_zero_seconds(tmp_path):
+    first = train(tmp_path)
+    assert first["resumed_from"] == 0 and 0 < first["train_seconds"] <= first["seconds"]
+    again = train(tmp_path)  # nothing left to train: returns at once
+    assert again["resumed_from"] == 40
+    assert again["train_seconds"] == first["train_seconds"]  # read back from the checkpoint, not timed again
+    saved = json.loads((tmp_path / "heads" / "heads_config.json").read_text())
+    assert saved["train_seconds"] == first["train_seconds"]
+    assert training_time(again) == f"40 steps, trained earlier in {first['train_seconds']:,.0f} s (finished: nothing to resume)"
 
 
 def trained_heads(mode):
@@ -287,7 +300,7 @@ def test_damaged_checkpoints_get_a_clear_message(tmp_path):
         import_medusa_layout(medusa)
 
 
-def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp_path, monkeypatch, tiny_llama):
+def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp_path, monkeypatch, tiny_llama, capsys):
     from medusa_lib import train as train_module
     from medusa_lib.train import finished_runs, heads_dir, run_training
     from medusa_lib.widget import click_config, train_widget
@@ -312,8 +325,11 @@ def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp
     monkeypatch.setattr(train_module, "run_training", watched)
     box = train_widget(cfg, tiny_llama, None, caches, steps=10)
     box.sliders["num_heads"].value, box.sliders["token_inputs"].value = 2, "none"
+    capsys.readouterr()
     box.button.click()
     assert seen == [True] and not box.button.disabled  # disabled while it trained
+    said = capsys.readouterr().out  # (outside a kernel the Output widget does not capture)
+    assert "Training failed" not in said and "10 steps trained in" in said
     assert {p.name: p.read_bytes() for p in heads_dir(cfg).iterdir()} == main
     clicked = run_dir(click_config(cfg, 2, cfg.num_layers, "none", cfg.lr, 10))
     assert clicked.parent.name == "runs" and (clicked / "log.csv").is_file()
@@ -332,3 +348,25 @@ def test_the_curve_explorer_redraws_into_its_output_without_capturing():
     assert len(first) == 1 and first[0]["output_type"] == "display_data" and not plt.get_fignums()
     box.metric.value = "loss"  # a change redraws: one figure again, a new one, none left open
     assert len(box.output.outputs) == 1 and box.output.outputs[0] is not first[0] and not plt.get_fignums()
+
+
+@pytest.mark.parametrize("extra_runs", [0, 8])  # a legend in the last panel; beside the panels
+def test_the_runs_overlay_names_every_run_once_in_one_colour_also_with_fewer_heads(extra_runs):
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from medusa_lib.plotting import plot_runs
+
+    def log(num_heads):
+        return pd.DataFrame([{"split": split, "step": s, "head": h, "acc@1": 0.1 * s, "loss": 3.0 - 0.1 * s}
+                             for s in (0, 10) for h in range(num_heads) for split in ("eval", "train")])
+    logs = {"four heads": log(4), "three heads": log(3), **{f"run {i}": log(4) for i in range(extra_runs)}}
+    fig = plot_runs(logs, "acc@1")
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)]
+    assert len(legends) == 1 and [t.get_text() for t in legends[0].get_texts()] == list(logs)  # the 3-head run too
+    for name in logs:  # one colour per run in every panel where it has a curve
+        colours = {mcolors.to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines() if line.get_label() == name}
+        assert len(colours) == 1, (name, colours)
+    assert len({mcolors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()}) == len(logs)
+    plt.close(fig)
