@@ -156,3 +156,17 @@ def test_heads_from_another_preset_are_copied_beside_its_own_with_trees_of_its_s
     assert (args["heads"] / "heads.safetensors").read_bytes() == b"weights of heads"  # what was copied is kept
     with pytest.raises(FileNotFoundError, match="lacks"):
         reuse_heads(cfg, tmp_path / "data" / "tiny")
+
+
+def test_heads_are_timed_each_right_after_a_verification_pass_as_the_loop_calls_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from medusa_lib import decoding
+    from medusa_lib.bench import heads_seconds
+    calls = []
+    monkeypatch.setattr(decoding, "run_base", lambda rt, ids, positions, bias, n: calls.append(("pass", len(ids), n)))
+    monkeypatch.setattr(decoding, "propose", lambda rt, root, hidden, tree: calls.append(("heads", tree.size)))
+    rt = SimpleNamespace(info={"topk": 5, "num_heads": 3}, hidden_buf=np.zeros((1, 4, 8), dtype=np.float32),
+                         np_dtype=np.float32)
+    assert heads_seconds(rt, reps=4, prefix=30) >= 0
+    assert calls == [("pass", 1, 30), ("heads", 2)] * 5  # a pass before every call (the first call untimed)
