@@ -458,7 +458,6 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
               eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before)
 
     # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
-    t0 = time.time()
     running, n_running = torch.zeros(K), 0
     if start == 0:
         run.evaluate(0, torch.full((K,), float("nan")))
@@ -498,7 +497,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     if start >= cfg.train_steps:
         _write_log(out_dir / "log.csv", rows)
     train_seconds = seconds_before if start >= cfg.train_steps else run.saved_seconds
-    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - t0, "resumed_from": start,
+    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - run.started, "resumed_from": start,
             "train_seconds": train_seconds}
 
 
