@@ -14,6 +14,7 @@ heads' time a call, from which replay.py sizes each method's tree for this devic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -194,7 +195,7 @@ class Methods:
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
                       "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
         hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
-        self.lookup = {}  # method -> decoding.generate's lookup arguments
+        self.lookup = {}  # method -> decoding.generate's plan arguments (lookup, draft rules) beside its tree
         if hydra_info is not None:
             self.trees["hydra_tree"] = self.trees["hydra_pld"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
             self.lookup["hydra_pld"] = {"lookup": cfg.lookup_tokens}  # the preset's chain on the hydra tree, unless a plan says
@@ -465,7 +466,8 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                            "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
                            "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None,
                            "hydra_pld_plan": str(pld_file) if pld_file else None,
-                           "hydra_pld_lookup": {k: (v.size if k == "lookup_tree" else v) for k, v in runner.lookup.get("hydra_pld", {}).items()}}}
+                           "hydra_pld_lookup": {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
+                                                for k, v in runner.lookup.get("hydra_pld", {}).items()}}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])

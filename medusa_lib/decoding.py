@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
-from medusa_lib.tree import PAD, TreeBuffers, prompt_lookup, with_lookup
+from medusa_lib.tree import PAD, DraftRule, TreeBuffers, grow_draft, prompt_lookup, subtree, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
@@ -58,6 +58,7 @@ class DecodeStats:
     new_tokens: int = 0
     steps: int = 0  # verification passes after the prefill
     accept_lens: list[int] = field(default_factory=list)  # L per step (tokens emitted = L + 1)
+    pass_sizes: list[int] = field(default_factory=list)  # tokens T of each step's verification pass
     prefill_s: float = 0.0
     decode_s: float = 0.0
     split_s: dict = field(default_factory=lambda: {"verify": 0.0, "heads": 0.0, "accept": 0.0, "compact": 0.0})
@@ -247,17 +248,56 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     return candidates[tree.tree_indices]  # (N,)
 
 
+def _head_topk(rt: OrtRuntime, d: int, h: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Head d's top-k ids and probabilities (B, topk) for hidden state h (1, C) and each row of
+    `path` (B, d+1): the root .. the parent whose children are asked for."""
+    return tuple(rt.heads[d].run(None, {"hidden_states": np.repeat(h, len(path), axis=0),  # (B, C)
+                                        "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)}))
+
+
 def propose_sequential(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) -> np.ndarray:
     """2, for sequential heads: head d reads the root and the path of each parent at depth d."""
     tokens = np.empty(tree.size, dtype=np.int64)
     tokens[0] = root
     h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
     for d, level in enumerate(tree.levels):  # the nodes at depth d+1
-        path = tokens[tree.ancestors[level.parents, : d + 1]]  # (B, d+1) root .. parent
-        ids, _ = rt.heads[d].run(None, {"hidden_states": np.repeat(h, len(level.parents), axis=0),
-                                        "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)})
+        ids, _ = _head_topk(rt, d, h, tokens[tree.ancestors[level.parents, : d + 1]])  # (B, topk) each
         tokens[level.children] = ids[level.slot, level.rank]  # (n_d,) from (B, topk)
     return tokens
+
+
+def draft(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers,
+          rule: DraftRule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """2, with a DraftRule: the nodes of `tree` drafted this step (tree.grow_draft), the tokens (N,)
+    and each node's own probability (N,) (its head's, given its parent path; the root's 1; NaN where
+    no head was asked, whose tokens are placeholders).
+
+    Sequential heads run depth by depth on the drafted parents only; Medusa-1 and root-aware heads
+    make their one call, whose top-k gives every node at once."""
+    tokens = np.full(tree.size, root, dtype=np.int64)  # (N,)
+    own = np.full(tree.size, np.nan)  # (N,)
+    own[0] = 1.0  # the root is the base's own choice
+    if rt.info.get("token_inputs") == "path":
+        h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
+
+        def expand(d, on):
+            level = tree.levels[d]
+            ids, probs = _head_topk(rt, d, h, tokens[tree.ancestors[level.parents[on], : d + 1]])  # (B', topk) each
+            under = on[level.slot]  # (n,)
+            slot = (np.cumsum(on) - 1)[level.slot[under]]  # (n',) index into parents
+            children = level.children[under]
+            tokens[children] = ids[slot, level.rank[under]]
+            own[children] = probs[slot, level.rank[under]]
+            return own[children]
+    else:
+        ids, probs = run_heads(rt, hidden, root)  # (K, topk) each
+        tokens[:] = np.concatenate([[root], ids.reshape(-1)])[tree.tree_indices]  # (N,)
+        own[:] = np.concatenate([[1.0], probs.reshape(-1)])[tree.tree_indices]  # (N,)
+
+        def expand(d, on):
+            level = tree.levels[d]
+            return own[level.children[on[level.slot]]]
+    return grow_draft(tree, rule, expand), tokens, own
 
 
 def verify(rt: OrtRuntime, tree_tokens: np.ndarray, tree: TreeBuffers, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,12 +402,15 @@ def check_tree(rt: OrtRuntime, tree: TreeBuffers) -> None:
 
 def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, seed: int = 0, eos_token_ids=None, lookup: int = 0, lookup_min_ngram: int = 1,
-             lookup_tree: TreeBuffers | None = None) -> tuple[list[int], DecodeStats]:
+             lookup_tree: TreeBuffers | None = None, rule: DraftRule | None = None,
+             lookup_rule: DraftRule | None = None) -> tuple[list[int], DecodeStats]:
     """Decode from `prompt_ids`. With a tree and heads: Medusa; without: plain greedy (or sampling).
     `lookup` > 0 adds a chain of that many prompt-lookup candidates under the root on the steps where
     the text's last n-gram (n >= lookup_min_ngram) occurred before (tree.with_lookup); it needs a tree
     (a root-only one will do). On those steps the heads draft `lookup_tree` (default: `tree`), so a
-    plan can keep a step's pass small (replay.choose_plan sizes both).
+    plan can keep a step's pass small (replay.choose_plan sizes both). With a `rule` the tree is a
+    menu: each step drafts only the nodes the heads are surest of (tree.DraftRule; `lookup_rule`, by
+    default `rule`, on the lookup steps).
 
     Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
@@ -410,8 +453,15 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             with clock("heads"):  # 2 propose (the lookup chain only on steps where the text repeats itself)
                 history = np.concatenate([prompt, np.asarray(out, dtype=np.int64), [root]]) if lookup else None
                 follow = prompt_lookup(history, lookup, lookup_min_ngram) if lookup else None
-                step_tree = tree if follow is None else looked
-                tree_tokens = propose(rt, root, hidden, step_tree)  # (N,)
+                step_rule = rule if follow is None else (lookup_rule or rule)
+                if step_rule is None:  # the same tree every step
+                    step_tree = tree if follow is None else looked
+                    tree_tokens = propose(rt, root, hidden, step_tree)  # (N,)
+                else:  # the confident part of the menu
+                    menu = tree if follow is None else (lookup_tree or tree)
+                    nodes, menu_tokens, _ = draft(rt, root, hidden, menu, step_rule)  # (n,), (N_menu,)
+                    step_tree = subtree(menu, nodes, 0 if follow is None else lookup)
+                    tree_tokens = np.concatenate([menu_tokens[nodes], np.zeros(step_tree.size - len(nodes), dtype=np.int64)])
                 if follow is not None:
                     tree_tokens[step_tree.lookup_nodes] = follow
             with clock("verify"):  # 3
@@ -432,6 +482,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             L, emitted = 0, [root]
         stats.steps += 1
         stats.accept_lens.append(L)
+        stats.pass_sizes.append(len(tree_tokens) if medusa else 1)
         n += L + 1
         root = next_root
         for tok in emitted:

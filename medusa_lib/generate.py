@@ -5,7 +5,8 @@
 
 --heads is a heads checkpoint folder (exported to ONNX on first use) or an exported ONNX folder;
 --tree a tree JSON (notebooks 03 and 06 write data/<preset>/trees/; a 'lookup' section in it adds
-prompt lookup, as in trees/tree_hydra_pld_device.json). Both default to what the workbook's last run produced.
+prompt lookup and a 'rule' section drafts by confidence, as trees/tree_hydra_pld_device.json may).
+Both default to what the workbook's last run produced.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ can be replayed step by step without running the base again:
               plan's tree (or of its lookup chain), costs one verification pass of its size (the
               measured cost curve, made non-decreasing by `monotone_cost`) plus the heads' calls,
               and moves on by L + 1 tokens
-  3 choose    the plan with the most tokens per second; its tau is the pooled tokens per step
+  3 choose    the plan with the most tokens per second; its tau is the pooled tokens per step.
+              With the heads' probabilities recorded too, a plan can also draft by a
+              tree.DraftRule (each step, only the nodes the heads are surest of): `_Drafts` replays
+              grow_draft on them, the recorded tree being the menu
   4 check     after the benchmark: the promise against what was measured (`replay_vs_measured`)
 
 The dev prompts are not the benchmark's (config.sizing_questions), so the benchmark's prompts
@@ -28,11 +31,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medusa_lib.tree import TreeBuffers, greedy_tree, prompt_lookup
+from medusa_lib.tree import DraftRule, TreeBuffers, greedy_tree, grow_draft, prompt_lookup
 
 LOOKUP_TOKENS = (0, 2, 3, 4, 5, 6, 8)  # prompt-lookup chain lengths tried (0: none)
 LOOKUP_MIN_NGRAMS = (1, 2, 3)  # shortest repeated n-gram that triggers the lookup
 MAX_BUDGET = 15  # heads' nodes (root excluded) of the largest tree recorded
+DRAFT_BUDGETS = (1, 2, 3, 4, 5, 6, 8)  # DraftRule budgets tried (heads' nodes drafted at most)
+DRAFT_MIN_PROBS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)  # and path-probability floors
+# Plans whose replayed speed is within this fraction of the fastest count as equally fast (the
+# replay's promise and the benchmark have differed by 0.01-0.03x): of those, the one of highest tau
+# is chosen, since it needs fewer passes for the same text.
+TAU_SLACK = 0.01
+LOOKUP_RULES = (DraftRule(0), DraftRule(1), DraftRule(2), DraftRule(3), DraftRule(1, 0.3), DraftRule(2, 0.3), DraftRule(3, 0.3))
 
 
 @dataclass
@@ -40,6 +50,7 @@ class Replay:
     prompt: np.ndarray  # (P,)
     reply: np.ndarray  # (R,) the plain greedy reply
     right: list[frozenset]  # R sets: with root reply[i], the tree paths whose tokens the reply confirms
+    probs: np.ndarray | None = None  # (R, N) each recorded node's own probability (its head's, given its parent path)
 
 
 def record(rt, prompts, tree: TreeBuffers, max_new_tokens: int, eos_token_ids, progress: bool = True) -> list[Replay]:
@@ -47,9 +58,10 @@ def record(rt, prompts, tree: TreeBuffers, max_new_tokens: int, eos_token_ids, p
     `tree` (a node is confirmed when its token and all its ancestors' match the reply)."""
     from tqdm.auto import tqdm
 
-    from medusa_lib.decoding import generate, propose, run_base
+    from medusa_lib.decoding import draft, generate, run_base
     from medusa_lib.export import causal_bias
 
+    everything = DraftRule(tree.size)  # draft every node: the whole tree's tokens and probabilities
     replays = []
     for prompt in tqdm(prompts, desc="replaying dev prompts", disable=not progress):
         prompt = np.asarray(prompt, dtype=np.int64)
@@ -58,9 +70,9 @@ def record(rt, prompts, tree: TreeBuffers, max_new_tokens: int, eos_token_ids, p
         P = len(prompt)
         _, hidden = run_base(rt, full, np.arange(len(full)), causal_bias(0, len(full), rt.np_dtype), 0,
                              into_buffers=False)  # (P+R, C)
-        right = []
+        right, probs = [], np.zeros((len(reply), tree.size))
         for i in range(len(reply)):  # root reply[i] at position P+i, drafted from the hidden state before it
-            tokens = propose(rt, int(reply[i]), hidden[P + i - 1], tree)  # (N,)
+            _, tokens, probs[i] = draft(rt, int(reply[i]), hidden[P + i - 1], tree, everything)  # (N,), (N,)
             depth = tree.positions
             ok = np.zeros(tree.size, dtype=bool)
             ok[0] = True
@@ -68,7 +80,7 @@ def record(rt, prompts, tree: TreeBuffers, max_new_tokens: int, eos_token_ids, p
                 parent = tree.ancestors[j, depth[j] - 1]
                 ok[j] = ok[parent] and i + depth[j] < len(reply) and tokens[j] == reply[i + depth[j]]
             right.append(frozenset(tree.paths[j - 1] for j in np.nonzero(ok[1:])[0] + 1))
-        replays.append(Replay(prompt, reply, right))
+        replays.append(Replay(prompt, reply, right, probs))
     return replays
 
 
@@ -92,6 +104,33 @@ class _Lookups:
                 future = rep.reply[i + 1: i + 1 + self.longest]
                 same = chain[: len(future)] == future
                 self.memo[key] = int(np.cumprod(same).sum())
+        return self.memo[key]
+
+
+class _Drafts:
+    """What a DraftRule drafts at every reply position, replayed on the recorded tree (the menu) and
+    its probabilities with tree.grow_draft, the decoder's own procedure: (longest confirmed path,
+    nodes drafted with the root, heads' calls), memoised."""
+
+    def __init__(self, replays: list[Replay], tree: TreeBuffers):
+        if any(rep.probs is None for rep in replays):
+            raise ValueError("Draft rules need the heads' probabilities: record the replays with replay.record.")
+        self.replays, self.tree, self.memo = replays, tree, {}
+
+    def step(self, r: int, i: int, rule: DraftRule) -> tuple[int, int, int]:
+        key = (r, i, rule)
+        if key not in self.memo:
+            rep, tree, calls = self.replays[r], self.tree, []
+            own = rep.probs[i]  # (N,)
+
+            def expand(d, on):
+                calls.append(d)
+                level = tree.levels[d]
+                return own[level.children[on[level.slot]]]
+
+            nodes = grow_draft(tree, rule, expand)
+            L = max((len(tree.paths[j - 1]) for j in nodes[1:] if tree.paths[j - 1] in rep.right[i]), default=0)
+            self.memo[key] = (L, len(nodes), len(calls))
         return self.memo[key]
 
 
@@ -119,15 +158,21 @@ def priced_curve(cost: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: float, per_depth: bool,
-             lookup: int = 0, min_ngram: int = 1, lookup_paths=None, lookups: _Lookups | None = None) -> dict:
+             lookup: int = 0, min_ngram: int = 1, lookup_paths=None, lookups: _Lookups | None = None,
+             rule: DraftRule | None = None, lookup_rule: DraftRule | None = None, drafts: _Drafts | None = None) -> dict:
     """2. Replay a plan: tree `paths`, plus a `lookup`-token chain (and the tree `lookup_paths`) on the
-    steps where the text's last n-gram (n >= min_ngram) occurred before. Returns the steps, the
+    steps where the text's last n-gram (n >= min_ngram) occurred before; with a `rule` (and
+    `lookup_rule`, default `rule`, on the lookup steps) each step drafts from the recorded tree
+    instead (`drafts`, decoding.generate's rule arguments with that tree). Returns the steps, the
     pooled tau (tokens per step), the modelled tokens/s and the speedup over plain decoding (one
     pass a token), from `cost` (seconds per pass of T tokens) and `heads_s` (seconds a heads call)."""
     sizes, secs = priced_curve(cost)
     if lookups is None or lookups.longest < lookup:  # chains found once, at least `lookup` long
         lookups = _Lookups(replays, max(lookup, 1))
+    if (rule or lookup_rule) and drafts is None:
+        raise ValueError("simulate needs drafts=_Drafts(replays, the recorded tree) to replay a draft rule.")
     plans = {False: set(map(tuple, paths)), True: set(map(tuple, paths if lookup_paths is None else lookup_paths))}
+    rules = {False: rule, True: lookup_rule or rule}
     step_s = {}
     for fired, nodes in plans.items():
         calls = (max((len(p) for p in nodes), default=0) if per_depth else int(bool(nodes)))
@@ -140,10 +185,15 @@ def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: floa
         while i < len(rep.reply):
             chain = lookups.confirmed(r, i, min_ngram) if lookup else None
             fired = chain is not None
-            L = max((len(p) for p in rep.right[i] if p in plans[fired]), default=0)
+            if rules[fired] is None:  # the same tree every step
+                L = max((len(p) for p in rep.right[i] if p in plans[fired]), default=0)
+                seconds += step_s[fired]
+            else:  # what the rule drafts here
+                L, n, calls = drafts.step(r, i, rules[fired])
+                T = n + (lookup if fired else 0)
+                seconds += float(np.interp(T, sizes, secs)) + heads_s * (calls if per_depth else min(calls, 1))
             if fired:
                 L = max(L, min(chain, lookup))
-            seconds += step_s[fired]
             steps += 1
             i += L + 1
         tokens += len(rep.reply)
@@ -152,24 +202,47 @@ def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: floa
             "speedup": plain_s / seconds if seconds else 0.0}
 
 
+def _rule_field(rule: DraftRule | None) -> dict | None:
+    return None if rule is None else {"budget": rule.budget, "min_prob": rule.min_prob}
+
+
 def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, float], heads_s: float, per_depth: bool,
-                lookup_tokens=(0,), min_ngrams=LOOKUP_MIN_NGRAMS, max_budget: int = MAX_BUDGET) -> tuple[dict, list[dict]]:
+                lookup_tokens=(0,), min_ngrams=LOOKUP_MIN_NGRAMS, max_budget: int = MAX_BUDGET,
+                menu: TreeBuffers | None = None, tau_slack: float = TAU_SLACK) -> tuple[dict, list[dict]]:
     """3. Every plan: the greedy tree of each node budget (0..max_budget), each lookup length, each
-    trigger, and on lookup steps each smaller budget. Returns (best plan, the best per budget) as
-    dicts with nodes (root included), paths, lookup, min_ngram, lookup_paths, tau, tok_per_s, speedup."""
+    trigger, and on lookup steps each smaller budget; with `menu` (the recorded tree) also every
+    DraftRule of DRAFT_BUDGETS x DRAFT_MIN_PROBS on it, with LOOKUP_RULES (or the same rule) on the
+    lookup steps. The chosen plan is the one of highest tau among those within `tau_slack` of the
+    fastest (a fraction of its tokens/s). Returns (chosen plan, the fastest per budget) as dicts
+    with nodes (root included), paths, lookup, min_ngram, lookup_paths, rule, lookup_rule (None,
+    or a DraftRule's fields), tau, tok_per_s, speedup."""
     trees = [greedy_tree(rank_acc, b) if b else [] for b in range(max_budget + 1)]
     lookups = _Lookups(replays, max(max(lookup_tokens), 1))
-    per_budget = []
+    options: list[list[dict]] = [[] for _ in range(max_budget + 1)]  # per budget
     for b, paths in enumerate(trees):
-        options = []
         for m in lookup_tokens:
             for g in (min_ngrams if m else (1,)):
                 for bl in (range(b + 1) if m else (b,)):
                     res = simulate(replays, paths, cost, heads_s, per_depth, m, g, trees[bl], lookups)
-                    options.append({"nodes": b + 1, "paths": [list(p) for p in paths], "lookup": m, "min_ngram": g,
-                                    "lookup_paths": [list(p) for p in trees[bl]] if m else None, **res})
-        per_budget.append(max(options, key=lambda o: o["tok_per_s"]))
-    return max(per_budget, key=lambda o: o["tok_per_s"]), per_budget
+                    options[b].append({"nodes": b + 1, "paths": [list(p) for p in paths], "lookup": m, "min_ngram": g,
+                                       "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
+                                       "lookup_rule": None, **res})
+    if menu is not None:
+        drafts = _Drafts(replays, menu)
+        for b in (b for b in DRAFT_BUDGETS if b <= max_budget):
+            for p in DRAFT_MIN_PROBS:
+                rule = DraftRule(b, p)
+                for m in lookup_tokens:
+                    for g in (min_ngrams if m else (1,)):
+                        for lr in ((None, *(r for r in LOOKUP_RULES if r.budget <= b)) if m else (None,)):
+                            res = simulate(replays, menu.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts)
+                            options[b].append({"nodes": b + 1, "paths": [list(q) for q in menu.paths], "lookup": m,
+                                               "min_ngram": g, "lookup_paths": None, "rule": _rule_field(rule),
+                                               "lookup_rule": _rule_field(lr), **res})
+    per_budget = [max(o, key=lambda o: o["tok_per_s"]) for o in options]
+    fastest = max(o["tok_per_s"] for o in per_budget)
+    close = [o for opts in options for o in opts if o["tok_per_s"] >= (1 - tau_slack) * fastest]
+    return max(close, key=lambda o: (o["tau"], o["tok_per_s"])), per_budget
 
 
 def confirmed_rate(replays: list[Replay], path: tuple[int, ...]) -> float:
@@ -213,8 +286,13 @@ def replay_vs_measured(plans: dict[str, dict], result: dict, cost: dict[int, flo
 
 
 def plan_file_fields(plan: dict) -> dict:
-    """The tree file's fields for a chosen plan (tree.save_tree(path, plan["paths"], topk, **these))."""
+    """The tree file's fields for a chosen plan (tree.save_tree(path, plan["paths"], topk, **these);
+    tree.load_plan reads them back as decoding.generate's arguments)."""
     fields = {"replayed_tau": plan["tau"], "replayed_speedup": plan["speedup"]}
+    if plan.get("rule"):
+        fields["rule"] = plan["rule"]
     if plan["lookup"]:
         fields["lookup"] = {"tokens": plan["lookup"], "min_ngram": plan["min_ngram"], "paths": plan["lookup_paths"]}
+        if plan.get("lookup_rule"):
+            fields["lookup"]["rule"] = plan["lookup_rule"]
     return fields

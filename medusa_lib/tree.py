@@ -6,10 +6,14 @@ node 0 is the root (the base's own next token), node j >= 1 is path j-1 after so
 (length, lexicographic).
 
     tree = build_tree([(0,), (1,), (0, 0), (0, 1), (1, 0)], topk=10, num_heads=2)
+
+A `DraftRule` makes the tree a menu rather than a plan (a dynamic tree, as in EAGLE-2): each step
+drafts only the nodes of `tree` the heads are surest of this time (`grow_draft`, `subtree`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -142,9 +146,10 @@ def with_lookup(tree: TreeBuffers, length: int) -> TreeBuffers:
                    mask=mask, retrieve_indices=retrieve, ancestors=ancestors, lookup_nodes=nodes)
 
 
-def plan_size(tree: TreeBuffers, lookup: int = 0, lookup_min_ngram: int = 1, lookup_tree: TreeBuffers | None = None) -> int:
-    """Nodes in the widest pass of a plan (a tree, with decoding.generate's lookup arguments): what
-    a runtime's max_nodes must hold."""
+def plan_size(tree: TreeBuffers, lookup: int = 0, lookup_min_ngram: int = 1, lookup_tree: TreeBuffers | None = None,
+              rule: DraftRule | None = None, lookup_rule: DraftRule | None = None) -> int:
+    """Nodes in the widest pass of a plan (a tree, with decoding.generate's plan arguments): what
+    a runtime's max_nodes must hold. A draft rule's passes are never wider than its menu's."""
     return max(tree.size, with_lookup(tree if lookup_tree is None else lookup_tree, lookup).size)
 
 
@@ -199,6 +204,70 @@ def expected_tau(paths, rank_acc: np.ndarray) -> float:
     return total
 
 
+# ----------------------------------------------------------------------------------------------
+# Drafting only the confident nodes (dynamic trees)
+
+@dataclass(frozen=True)
+class DraftRule:
+    """Each step, draft from the plan's tree only the `budget` nodes of highest path probability
+    (the product of the heads' probabilities along the node's path: how sure the heads are of it),
+    among those whose path probability is at least `min_prob`. A static tree spends the same pass on
+    every step; this one spends its nodes where the heads are sure and keeps the pass small where
+    they are not. The base still verifies every token, so output stays exact."""
+    budget: int  # heads' nodes drafted at most (root excluded)
+    min_prob: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, np.integer)) or self.budget < 0:
+            raise ValueError(f"DraftRule.budget must be a whole number >= 0, not {self.budget!r}.")
+        if not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"DraftRule.min_prob must lie in [0, 1], not {self.min_prob!r}.")
+
+
+def confident_nodes(path_probs: np.ndarray, rule: DraftRule) -> np.ndarray:
+    """(N,) path probabilities (-1 where not known yet) -> the drafted nodes, root first, in tree
+    order. Ties go to the earlier node, so the set is closed under parents (a child's path
+    probability never exceeds its parent's)."""
+    known = np.flatnonzero(path_probs >= rule.min_prob)  # (n+1,) the root (1.0) first; unknown nodes hold -1
+    if len(known) > rule.budget + 1:  # keep the root and the `budget` most probable, the earlier node first on a tie
+        known = np.sort(known[np.argsort(-path_probs[known], kind="stable")[: rule.budget + 1]])
+    return known
+
+
+def grow_draft(tree: TreeBuffers, rule: DraftRule, expand) -> np.ndarray:
+    """The drafted nodes of `tree` under `rule`, found depth by depth: a depth's heads run only on
+    parents that are drafted so far, since a child is never surer than its parent.
+
+    expand(d, on) runs head d on the parents tree.levels[d].parents[on] ((B,) bool) and returns the
+    probabilities (n',) of their children tree.levels[d].children[on[slot]] given their parent
+    path: the decoder calls the heads there, the replay reads what it recorded."""
+    path_probs = np.full(tree.size, -1.0)  # (N,)
+    path_probs[0] = 1.0
+    drafted = np.zeros(tree.size, dtype=bool)  # (N,)
+    for d, level in enumerate(tree.levels if rule.budget else ()):  # budget 0: the root alone, no heads run
+        drafted[:] = False
+        drafted[confident_nodes(path_probs, rule)] = True
+        on = drafted[level.parents]  # (B,)
+        if not on.any():
+            break
+        under = on[level.slot]  # (n,) children of an expanded parent
+        path_probs[level.children[under]] = path_probs[level.parents[level.slot[under]]] * expand(d, on)
+    return confident_nodes(path_probs, rule)
+
+
+@functools.lru_cache(maxsize=4096)
+def _subtree(paths: tuple, topk: int, nodes: tuple, lookup: int) -> TreeBuffers:
+    tree = build_tree([paths[j - 1] for j in nodes[1:]], topk, max((len(p) for p in paths), default=1))
+    return with_lookup(tree, lookup)
+
+
+def subtree(tree: TreeBuffers, nodes: np.ndarray, lookup: int = 0) -> TreeBuffers:
+    """The buffers of the tree made of `nodes` (root first, closed under parents: grow_draft's
+    answer), with a `lookup`-token chain when > 0 (with_lookup); built once per distinct set. Its
+    node i < len(nodes) is `tree`'s node nodes[i]."""
+    return _subtree(tree.paths, tree.topk, tuple(int(j) for j in nodes), lookup)
+
+
 def save_tree(path: str | Path, paths, topk: int, **info) -> None:
     write_json(path, {"paths": [list(p) for p in paths], "topk": topk, **info})
 
@@ -214,18 +283,30 @@ def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:
         raise ValueError(f"{path}: {err}") from None
 
 
-def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
-    """A tree file with its optional prompt-lookup section, {"lookup": {"tokens": m, "min_ngram": g,
-    "paths": [...]}} (replay.choose_plan writes one), as (tree, the lookup arguments of
-    decoding.generate); ({}: no lookup)."""
-    tree = load_tree(path, num_heads)
-    section = read_json(path).get("lookup")
-    if not section:
-        return tree, {}
+def _rule(raw, path, where: str) -> DraftRule:
     try:
-        kwargs = {"lookup": int(section["tokens"]), "lookup_min_ngram": int(section.get("min_ngram", 1))}
+        return DraftRule(int(raw["budget"]), float(raw.get("min_prob", 0.0)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {where} needs 'budget' (and may have 'min_prob'): {err}") from None
+
+
+def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
+    """A tree file with its optional sections, as (tree, the matching arguments of decoding.generate):
+    "rule": {"budget": n, "min_prob": p} (draft by `DraftRule`, the tree then being the menu), and
+    "lookup": {"tokens": m, "min_ngram": g, "paths": [...], "rule": {...}} (prompt lookup, and the tree
+    or rule on its steps). replay.choose_plan writes them; ({}: the tree alone)."""
+    tree = load_tree(path, num_heads)
+    raw = read_json(path)
+    kwargs = {"rule": _rule(raw["rule"], path, "'rule'")} if raw.get("rule") else {}
+    section = raw.get("lookup")
+    if not section:
+        return tree, kwargs
+    try:
+        kwargs.update({"lookup": int(section["tokens"]), "lookup_min_ngram": int(section.get("min_ngram", 1))})
         if section.get("paths") is not None:
             kwargs["lookup_tree"] = build_tree([tuple(p) for p in section["paths"]], tree.topk, num_heads)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: the 'lookup' section needs 'tokens' (and may have 'min_ngram' and 'paths'): {err}") from None
+    if section.get("rule"):
+        kwargs["lookup_rule"] = _rule(section["rule"], path, "the 'lookup' section's 'rule'")
     return tree, kwargs

@@ -8,6 +8,7 @@ import pytest
 from medusa_lib.bench import _aggregate, load_questions
 from medusa_lib.replay import Replay, choose_plan, monotone_cost, replay_vs_measured, simulate
 from medusa_lib.config import get_config
+from medusa_lib.tree import rank_accuracy
 
 
 def test_questions_are_spread_evenly_across_categories(tmp_path):
@@ -73,6 +74,31 @@ def test_choose_plan_trades_tau_against_cost():
     assert flat["nodes"] >= 3 and flat["tau"] == 2.0  # (0,) and (0, 0) both in the tree
     assert steep["nodes"] == 2 and steep["paths"] == [[0]]  # a third node costs more than it brings
     assert [c["nodes"] for c in curve] == [1, 2, 3, 4, 5]
+
+
+def test_a_draft_rule_is_replayed_and_chosen_where_the_heads_know_when_they_are_right():
+    """Heads sure (0.9) exactly where they are right: a rule drafts (0,) and (0, 0) at root 0, (0,)
+    alone at root 3 and nothing elsewhere, which no fixed tree can do."""
+    from medusa_lib.replay import _Drafts
+    from medusa_lib.tree import DraftRule, build_tree
+    menu = build_tree([(0,), (0, 0)], topk=5, num_heads=2)
+    probs = np.full((6, 3), 0.1)  # (R, N) own probabilities; node 0 is the root
+    probs[0, 1:] = 0.9
+    probs[3, 1] = 0.9
+    rep = Replay(synthetic_replay().prompt, synthetic_replay().reply, synthetic_replay().right, probs)
+    cost = {1: 0.010, 2: 0.0105, 3: 0.012}
+    sure = simulate([rep], menu.paths, cost, 0.0, per_depth=False, rule=DraftRule(2, 0.5), drafts=_Drafts([rep], menu))
+    assert sure["steps"] == 3 and sure["tok_per_s"] == pytest.approx(6 / (0.012 + 0.0105 + 0.010))  # T = 3, 2, 1
+    best, _ = choose_plan([rep], rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2)), cost, 0.0, per_depth=False,
+                          max_budget=2, menu=menu)
+    static, _ = choose_plan([rep], rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2)), cost, 0.0, per_depth=False,
+                            max_budget=2)
+    assert best["rule"] is not None and best["rule"]["min_prob"] > 0.1 and best["tok_per_s"] == pytest.approx(sure["tok_per_s"])
+    assert static["tok_per_s"] < best["tok_per_s"]
+    with pytest.raises(ValueError, match="drafts"):
+        simulate([rep], menu.paths, cost, 0.0, per_depth=False, rule=DraftRule(2))
+    with pytest.raises(ValueError, match="probabilities"):
+        _Drafts([synthetic_replay()], menu)
 
 
 def test_replay_vs_measured_sets_each_promise_beside_the_benchmark():

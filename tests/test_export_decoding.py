@@ -162,6 +162,29 @@ def test_token_heads_propose_what_pytorch_ranks_and_stay_lossless(tiny_llama, to
         assert generate(rt, prompt, tree, 30, eos_token_ids=[])[0] == hf_greedy(tiny_llama, prompt, 30)
 
 
+def test_draft_rules_change_the_passes_not_the_output(tiny_llama, rt, token_export):
+    """Drafting only the surest nodes of a tree (tree.DraftRule) each step: every rule, with and
+    without a prompt-lookup chain, gives plain greedy's tokens; the passes differ in size."""
+    from medusa_lib.tree import DraftRule
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    token_rt = load_runtime(token_export[1], capacity=256, max_nodes=16)
+    rules = [DraftRule(0), DraftRule(1), DraftRule(3, 0.05), DraftRule(8), DraftRule(4, 1.0)]
+    for runtime in (rt, token_rt):
+        for prompt in PROMPTS:
+            ref = hf_greedy(tiny_llama, prompt, 30)
+            for rule in rules:
+                out, stats = generate(runtime, prompt, tree, 30, eos_token_ids=[], rule=rule)
+                assert out == ref, rule
+                if rule.budget == 0 or rule.min_prob == 1.0:  # nothing drafted: one token a pass
+                    assert stats.steps == 30
+                out, _ = generate(runtime, prompt, tree, 30, eos_token_ids=[], rule=rule, lookup=3,
+                                  lookup_rule=DraftRule(1))
+                assert out == ref, rule
+            everything, all_stats = generate(runtime, prompt, tree, 30, eos_token_ids=[], rule=DraftRule(len(TREE)))
+            static, static_stats = generate(runtime, prompt, tree, 30, eos_token_ids=[])
+            assert everything == static == ref and all_stats.accept_lens == static_stats.accept_lens  # the whole menu: the tree
+
+
 def test_trees_that_do_not_fit_the_heads_are_refused(exported, rt):
     with pytest.raises(ValueError, match="built for topk=5 but the heads were exported with topk=4"):
         generate(rt, PROMPTS[0], build_tree([(0,), (0, 0)], topk=5, num_heads=3), 5)
@@ -353,4 +376,16 @@ def test_replay_takes_the_steps_the_decoder_takes(rt):
             steps += stats.steps
         assert abs(sim["steps"] - steps) <= 1, (paths, kw, sim["steps"], steps)
         assert sim["tau"] == pytest.approx(4 * 30 / sim["steps"])
+    # draft rules: the replay runs the decoder's grow_draft on the recorded probabilities
+    from medusa_lib.replay import _Drafts
+    from medusa_lib.tree import DraftRule
+    drafts = _Drafts(replays, big)
+    for rule, kw in ((DraftRule(2), {}), (DraftRule(4, 0.05), {}), (DraftRule(3), {"lookup": 3, "lookup_rule": DraftRule(1)})):
+        sim = simulate(replays, big.paths, {1: 1.0, 16: 2.0}, 0.0, per_depth=False, rule=rule, drafts=drafts, **kw)
+        steps = 0
+        for prompt, rep in zip(PROMPTS, replays):
+            out, stats = generate(rt, prompt, big, 30, eos_token_ids=[], rule=rule, **kw)
+            assert out == rep.reply.tolist()
+            steps += stats.steps
+        assert abs(sim["steps"] - steps) <= 1, (rule, kw, sim["steps"], steps)
     assert min(simulate(replays, p, {1: 1.0}, 0.0, False, **{k: v for k, v in kw.items()})["steps"] for p, kw in plans) < 4 * 30

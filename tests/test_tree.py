@@ -114,3 +114,52 @@ def test_a_plan_file_round_trips_with_its_lookup_section(tmp_path):
     history = np.array([5, 6, 7, 8, 9, 7])  # only the 1-gram "7" recurs
     assert prompt_lookup(history, 2).tolist() == [8, 9] and prompt_lookup(history, 2, min_ngram=2) is None
     assert prompt_lookup(history, 4).tolist()[:2] == prompt_lookup(history, 2).tolist()  # a longer chain extends a shorter
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft rules: each step drafts the nodes the heads are surest of
+
+def test_a_draft_rule_takes_the_most_probable_nodes_closed_under_parents():
+    from medusa_lib.tree import DraftRule, confident_nodes, grow_draft, subtree
+    tree = build_tree([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], topk=4, num_heads=3)
+    # own probabilities of nodes 1..7: (0,) .5  (1,) .3  (2,) .1  (0,0) .9  (0,1) .05  (1,0) .9  (0,0,0) .6
+    own = np.array([1.0, 0.5, 0.3, 0.1, 0.9, 0.05, 0.9, 0.6])
+    asked = []
+
+    def expand(d, on):
+        level = tree.levels[d]
+        asked.append(level.parents[on].tolist())
+        return own[level.children[on[level.slot]]]
+
+    # path probabilities: (0,) .5, (0,0) .45, (1,) .3, (1,0) .27, (0,0,0) .27, (2,) .1, (0,1) .025
+    nodes = grow_draft(tree, DraftRule(3), expand)
+    assert [tree.paths[j - 1] for j in nodes[1:]] == [(0,), (1,), (0, 0)]
+    assert asked == [[0], [1, 2], [4]]  # depth 2 runs only under (0, 0), the one drafted parent there
+    asked.clear()
+    nodes = grow_draft(tree, DraftRule(8, min_prob=0.2), expand)  # the floor, not the budget, decides
+    assert [tree.paths[j - 1] for j in nodes[1:]] == [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
+    asked.clear()
+    assert grow_draft(tree, DraftRule(5, min_prob=0.6), expand).tolist() == [0] and asked == [[0]]  # nothing sure enough
+    asked.clear()
+    assert grow_draft(tree, DraftRule(0), expand).tolist() == [0] and asked == []  # nothing to draft: no heads run
+    tie = np.array([1.0, 0.5, 0.5, -1, -1, -1, -1, -1])  # equal path probabilities: the earlier node first
+    assert confident_nodes(tie, DraftRule(1)).tolist() == [0, 1]
+    sub = subtree(tree, np.array([0, 1, 2, 4]), lookup=2)  # the buffers of the drafted tree, with a lookup chain
+    ref = build_tree([(0,), (1,), (0, 0)], topk=4, num_heads=3)
+    assert sub.paths == ref.paths and np.array_equal(sub.mask[:4, :4], ref.mask) and sub.size == 6
+    assert subtree(tree, np.array([0, 1, 2, 4]), lookup=2) is sub  # built once
+    for bad in (dict(budget=-1), dict(budget=2, min_prob=1.5), dict(budget=True)):
+        with pytest.raises(ValueError, match="DraftRule"):
+            DraftRule(**bad)
+
+
+def test_a_plan_file_round_trips_with_its_draft_rules(tmp_path):
+    from medusa_lib.tree import DraftRule, load_plan
+    path = tmp_path / "plan.json"
+    save_tree(path, [(0,), (1,), (0, 0)], 5, rule={"budget": 2, "min_prob": 0.1},
+              lookup={"tokens": 4, "min_ngram": 1, "paths": None, "rule": {"budget": 1}})
+    tree, kwargs = load_plan(path, num_heads=2)
+    assert kwargs == {"rule": DraftRule(2, 0.1), "lookup": 4, "lookup_min_ngram": 1, "lookup_rule": DraftRule(1)}
+    save_tree(path, [(0,)], 5, rule={"min_prob": 0.1})
+    with pytest.raises(ValueError, match="plan.json: 'rule' needs 'budget'"):
+        load_plan(path, num_heads=2)
