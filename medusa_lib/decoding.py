@@ -277,6 +277,8 @@ def draft(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers,
     tokens = np.full(tree.size, root, dtype=np.int64)  # (N,)
     own = np.full(tree.size, np.nan)  # (N,)
     own[0] = 1.0  # the root is the base's own choice
+    if not tree.paths:  # an empty menu (the root and a prompt-lookup chain only): no heads to ask
+        return np.zeros(1, dtype=np.int64), tokens, own
     if rt.info.get("token_inputs") == "path":
         h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
 

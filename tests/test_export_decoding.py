@@ -270,14 +270,17 @@ def test_export_info_with_a_missing_key_is_named(exported, tmp_path):
         load_runtime(copy, capacity=64)
 
 
-def test_prompt_lookup_chain_is_lossless_and_accepts_copied_text(tiny_llama, rt):
-    from medusa_lib.tree import prompt_lookup
+def test_prompt_lookup_chain_is_lossless_and_accepts_copied_text(tiny_llama, rt, exported):
+    from medusa_lib.tree import DraftRule, prompt_lookup
     prompt = [90, 1, 90, 1, 90, 1, 90, 1]  # a text that repeats itself
     ref = hf_greedy(tiny_llama, prompt, 30)
     tree = build_tree(TREE, topk=4, num_heads=3)
     for t, lookup in ((tree, 4), (build_tree([], topk=4, num_heads=3), 3)):  # with the heads, and prompt lookup alone
         out, stats = generate(rt, prompt, t, 30, eos_token_ids=[], lookup=lookup)
         assert out == ref
+    no_heads = load_runtime(exported, capacity=256, max_nodes=16, with_heads=False)  # lookup alone needs no heads, rule or not
+    out, stats = generate(no_heads, prompt, build_tree([], topk=4, num_heads=3), 30, eos_token_ids=[], lookup=3, rule=DraftRule(2))
+    assert out == ref and stats.steps < 30
     assert prompt_lookup(np.array([5, 6, 7, 8, 6, 7]), 3).tolist() == [8, 6, 7]  # after the earlier "6 7"
     assert prompt_lookup(np.array([5, 6, 7, 8, 9, 1, 6, 7]), 3).tolist() == [8, 9, 1]
     assert prompt_lookup(np.array([1, 2, 3]), 2) is None
