@@ -170,11 +170,18 @@ def reset_peak_rss() -> None:
         pass
 
 
+def _tree_plan(path: Path, num_heads: int) -> tuple:
+    """A tree method's tree and its draft rule, if its file has one (tree.load_plan); a prompt-lookup
+    section is hydra_pld's business and is not read here."""
+    tree, kwargs = load_plan(path, num_heads)
+    return tree, {k: v for k, v in kwargs.items() if k == "rule"}
+
+
 class Methods:
     """Loads what each method needs once; `run(name, ids)` -> (tokens, decode_s, e2e_s, tau)."""
 
-    def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_paths, threads: int,
-                 hydra_dir: Path | None = None, hydra_paths=None, pld_file: Path | None = None):
+    def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_file: Path, threads: int,
+                 hydra_dir: Path | None = None, hydra_tree_file: Path | None = None, pld_file: Path | None = None):
         import torch
         from medusa_lib.base import load_base
         from medusa_lib.decoding import load_runtime, with_heads_of
@@ -192,13 +199,14 @@ class Methods:
             from medusa_lib.base import checkpoint_path
             self.model, self.tokenizer = None, AutoTokenizer.from_pretrained(checkpoint_path(cfg.base_model))
         num_heads = self.info["num_heads"]
-        self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads),
-                      "medusa_tree": build_tree(tree_paths, self.info["topk"], num_heads)}
-        hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
         self.lookup = {}  # method -> decoding.generate's plan arguments (lookup, draft rules) beside its tree
+        self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads)}
+        self.trees["medusa_tree"], self.lookup["medusa_tree"] = _tree_plan(tree_file, num_heads)
+        hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
         if hydra_info is not None:
-            self.trees["hydra_tree"] = self.trees["hydra_pld"] = build_tree(hydra_paths, hydra_info["topk"], hydra_info["num_heads"])
-            self.lookup["hydra_pld"] = {"lookup": cfg.lookup_tokens}  # the preset's chain on the hydra tree, unless a plan says
+            self.trees["hydra_tree"], self.lookup["hydra_tree"] = _tree_plan(hydra_tree_file, hydra_info["num_heads"])
+            self.trees["hydra_pld"] = self.trees["hydra_tree"]  # the hydra tree with the preset's chain, unless a plan says
+            self.lookup["hydra_pld"] = {**self.lookup["hydra_tree"], "lookup": cfg.lookup_tokens}
             if pld_file is not None:
                 self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
         max_nodes = max(plan_size(t, **self.lookup.get(name, {})) for name, t in self.trees.items())
@@ -303,10 +311,8 @@ def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path
 
 def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens, hydra_dir, hydra_tree_file, pld_file) -> float:
     cfg = get_config(cfg_name)
-    paths = [tuple(p) for p in read_json(tree_file)["paths"]]
-    hydra_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]] if hydra_tree_file else None
-    m = Methods(cfg, [method], Path(export_dir), paths, threads, Path(hydra_dir) if hydra_dir else None, hydra_paths,
-                Path(pld_file) if pld_file else None)
+    m = Methods(cfg, [method], Path(export_dir), Path(tree_file), threads, *(Path(f) if f else None for f in
+                (hydra_dir, hydra_tree_file, pld_file)))
     q = load_questions(None, cfg, 1)[0]
     m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
     return peak_rss_mb()
@@ -405,18 +411,16 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         notes.append("llamacpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python).")
     export_dir = resolve_export_dir(cfg, heads)
     tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
-    tree_paths = [tuple(p) for p in read_json(tree_file)["paths"]]
-    hydra_dir = hydra_tree_file = hydra_tree_paths = pld_file = None
+    hydra_dir = hydra_tree_file = pld_file = None
     if {"hydra_tree", "hydra_pld"} & set(methods):
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
-        hydra_tree_paths = [tuple(p) for p in read_json(hydra_tree_file)["paths"]]
         pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in methods else None
     if "ort" not in methods:
         methods.insert(0, "ort")
     if questions is None:
         questions = questions_path(cfg.bench_questions)
     qs = load_questions(questions, cfg, limit)
-    runner = Methods(cfg, methods, export_dir, tree_paths, threads, hydra_dir, hydra_tree_paths, pld_file)
+    runner = Methods(cfg, methods, export_dir, tree_file, threads, hydra_dir, hydra_tree_file, pld_file)
     warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
     for name in methods:  # warm-up, excluded from timing
         runner.run(name, warm, 8)
@@ -449,10 +453,8 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     bar.close()
     mem = {}
     if memory:
-        tmp_tree = cfg.data_dir / "bench" / "tree_used.json"
-        save_tree(tmp_tree, tree_paths, runner.info["topk"])
         for name in methods:
-            mem[name] = measure_memory(name, cfg.name, export_dir, tmp_tree, threads, min(16, max_new_tokens),
+            mem[name] = measure_memory(name, cfg.name, export_dir, tree_file, threads, min(16, max_new_tokens),
                                        hydra_dir, hydra_tree_file, pld_file)
     result = {"methods": {}, "categories": {}, "time_split": {k: dict(v) for k, v in split.items()}, "notes": notes,
               "divergences_from_ort": divergences,
@@ -462,12 +464,12 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                           "graph_dtype": runner.info["dtype"]},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
                            "questions": str(questions) if questions else "held-out ShareGPT (eval split)",
-                           "tree_file": str(tree_file), "tree_nodes": len(tree_paths) + 1, "threads": threads,
+                           "tree_file": str(tree_file), "tree_nodes": runner.trees["medusa_tree"].size, "threads": threads,
                            "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
-                           "hydra_tree_nodes": len(hydra_tree_paths) + 1 if hydra_tree_paths else None,
+                           "hydra_tree_nodes": runner.trees["hydra_tree"].size if hydra_tree_file else None,
                            "hydra_pld_plan": str(pld_file) if pld_file else None,
-                           "hydra_pld_lookup": {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
-                                                for k, v in runner.lookup.get("hydra_pld", {}).items()}}}
+                           "plans": {name: {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
+                                            for k, v in plan.items()} for name, plan in runner.lookup.items() if name in methods}}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
@@ -505,8 +507,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Benchmark Medusa on ONNX Runtime against its peers.")
     p.add_argument("--preset"); p.add_argument("--questions"); p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int); p.add_argument("--methods", help=f"comma-separated, from {ALL_METHODS}")
-    p.add_argument("--tree"); p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
-    p.add_argument("--hydra-tree", help="tree for the sequential heads (default: data/<preset>/trees/tree_hydra*.json)")
+    p.add_argument("--tree", help="medusa_tree's tree file; a 'rule' section in it (notebook 06's plan) drafts by that rule "
+                   "(default: data/<preset>/trees/tree*.json)")
+    p.add_argument("--heads", help="heads checkpoint folder (exported on first use) or exported ONNX folder")
+    p.add_argument("--hydra-tree", help="hydra_tree's tree file, with its 'rule' section if any (default: "
+                   "data/<preset>/trees/tree_hydra*.json)")
     p.add_argument("--pld-plan", help="hydra_pld's tree file with a 'lookup' section (default: trees/tree_hydra_pld_device.json)")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
     p.add_argument("--hydra-heads", help="sequential heads checkpoint or export folder (default: data/<preset>/hydra)")

@@ -160,6 +160,9 @@ def test_a_plan_file_round_trips_with_its_draft_rules(tmp_path):
               lookup={"tokens": 4, "min_ngram": 1, "paths": None, "rule": {"budget": 1}})
     tree, kwargs = load_plan(path, num_heads=2)
     assert kwargs == {"rule": DraftRule(2, 0.1), "lookup": 4, "lookup_min_ngram": 1, "lookup_rule": DraftRule(1)}
+    from medusa_lib.bench import _tree_plan  # a tree method (medusa_tree, hydra_tree) takes the rule, not the lookup
+    tree_only, kwargs = _tree_plan(path, num_heads=2)
+    assert kwargs == {"rule": DraftRule(2, 0.1)} and tree_only.paths == tree.paths
     save_tree(path, [(0,)], 5, rule={"min_prob": 0.1})
     with pytest.raises(ValueError, match="plan.json: 'rule' needs 'budget'"):
         load_plan(path, num_heads=2)
