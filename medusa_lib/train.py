@@ -281,7 +281,9 @@ def evaluate_heads(heads: MedusaHeads, lm_head: torch.Tensor, hidden: torch.Tens
         h = hidden[i: i + chunk].to(device=device, dtype=lm_head.dtype)  # (b, C)
         y = targets.labels[i: i + chunk].to(device)  # (b, K)
         embeds = embed[targets.path[i: i + chunk].to(device)] if embed is not None else None  # (b, K, C)
-        logits = heads(h, lm_head, embeds).float()  # (b, K, M)
+        # the class's own forward: fp32 even while accelerate's mixed-precision wrapper sits on the training
+        # heads' forward (bf16 on CUDA and on CPUs with native bf16), so a score never depends on the machine
+        logits = MedusaHeads.forward(heads, h, lm_head, embeds).float()  # (b, K, M)
         valid = y != IGNORE  # (b, K)
         ce = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none")  # (b, K)
         trainable = y >= 0
@@ -497,7 +499,8 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     if start >= cfg.train_steps:
         _write_log(out_dir / "log.csv", rows)
     train_seconds = seconds_before if start >= cfg.train_steps else run.saved_seconds
-    return {"heads": accelerator.unwrap_model(heads).eval(), "log": rows, "seconds": time.time() - run.started, "resumed_from": start,
+    # without the mixed-precision wrapper: the heads returned compute what the heads saved compute
+    return {"heads": accelerator.unwrap_model(heads, keep_fp32_wrapper=False).eval(), "log": rows, "seconds": time.time() - run.started, "resumed_from": start,
             "train_seconds": train_seconds}
 
 
