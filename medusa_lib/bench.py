@@ -1,7 +1,8 @@
 """Benchmark: Medusa on ONNX Runtime against its peers, in one run, on held-out prompts.
 
 Methods: hf (Hugging Face greedy generate), hf_pld (prompt lookup decoding), ort (plain greedy on
-the exported base: the baseline), medusa_chain (top-1 chain), medusa_tree (the sparse tree) with
+the exported base: the baseline, on the config's base graph, the fast one by default), ort_ref (plain
+greedy on the reference graph of notebook 04, export.TreeStep), medusa_chain (top-1 chain), medusa_tree (the sparse tree) with
 the paper's Medusa-1 heads, hydra_tree (a sparse tree proposed by the sequential heads, the
 workbook's extension), hydra_pld (that tree plus a prompt-lookup chain on the steps where the text
 repeats itself) and llamacpp (llama-cpp-python on the same GGUF, when installed). Same prompts and token limit for all,
@@ -29,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_lib.config import WorkbookConfig, get_config, hydra_config, repo_root
+from medusa_lib.config import BENCH_METHODS, WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, load_plan, plan_size, save_tree
 
-ALL_METHODS = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
-ORT_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
+ALL_METHODS = BENCH_METHODS
+ORT_METHODS = ("ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
+PLAIN_METHODS = ("ort", "ort_ref")  # one token a pass, no tree
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 
 
@@ -104,9 +106,8 @@ def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 25) -> dict[int,
 
     def one_pass(T: int) -> float:
         ids = np.zeros(T, dtype=np.int64)
-        bias = np.zeros((1, 1, T, prefix + T), dtype=rt.np_dtype)
         t = time.perf_counter()
-        run_base(rt, ids, np.arange(prefix, prefix + T), bias, prefix)
+        run_base(rt, ids, np.arange(prefix, prefix + T), rt.bias(T, prefix).zero_(), prefix)  # as the loop builds it
         return time.perf_counter() - t
 
     for T in sizes:  # warm-up: the first pass of each shape is not timed
@@ -116,6 +117,49 @@ def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 25) -> dict[int,
         for T in sizes:
             times[int(T)].append(one_pass(T))
     return {T: float(np.median(ts)) for T, ts in times.items()}
+
+
+def prefix_cost(rt, prefixes=(100, 600, 1200, 1900), widths=(1, 8), reps: int = 15) -> dict[int, dict[int, float]]:
+    """Milliseconds of a pass of T tokens on top of each prefix of cached tokens (median of `reps`,
+    round-robin as in verify_cost_curve): how a graph's pass grows with the context it attends to."""
+    from medusa_lib.decoding import run_base
+
+    prefixes = [p for p in prefixes if p + max(widths) <= rt.capacity]
+
+    def one_pass(p: int, T: int) -> float:
+        t = time.perf_counter()
+        run_base(rt, np.zeros(T, dtype=np.int64), np.arange(p, p + T), rt.bias(T, p).zero_(), p)
+        return time.perf_counter() - t
+
+    for p in prefixes:
+        for T in widths:
+            one_pass(p, T)
+    times = {(p, T): [] for p in prefixes for T in widths}
+    for _ in range(reps):
+        for p, T in times:
+            times[p, T].append(one_pass(p, T))
+    return {p: {T: round(1e3 * float(np.median(times[p, T])), 3) for T in widths} for p in prefixes}
+
+
+def graph_nodes_per_layer(export_dir: Path, num_layers: int) -> dict[str, float]:
+    """Non-Constant nodes of each base graph of an export after ONNX Runtime's optimizer, divided by
+    the layers (what is outside the layers, a handful of nodes, is counted in)."""
+    import onnx
+    import onnxruntime as ort
+
+    info = read_json(Path(export_dir) / "export_info.json")
+    counts = {}
+    for graph, name in (("reference", info["files"]["base"]), ("fast", info["files"].get("base_fast"))):
+        if not name:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            ort.InferenceSession(str(Path(export_dir) / name), options, providers=["CPUExecutionProvider"])
+            nodes = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
+        counts[graph] = round(sum(n.op_type != "Constant" for n in nodes) / num_layers, 1)
+    return counts
 
 
 def final_accuracies(log_csv: str | Path, conditional: bool = True) -> np.ndarray:
@@ -141,10 +185,9 @@ def heads_seconds(rt, reps: int = 10, prefix: int = 200) -> float:
     tree = build_tree(chain_paths(1), rt.info["topk"], rt.info["num_heads"])
     hidden = rt.hidden_buf[0, 0]  # (C,) what the pass below leaves there
     ids, positions = np.zeros(1, dtype=np.int64), np.arange(prefix, prefix + 1)
-    bias = np.zeros((1, 1, 1, prefix + 1), dtype=rt.np_dtype)
     times = []
     for _ in range(reps + 1):  # the first call (the graph's first run) is not counted
-        run_base(rt, ids, positions, bias, prefix)
+        run_base(rt, ids, positions, rt.bias(1, prefix).zero_(), prefix)
         t = time.perf_counter()
         propose(rt, 0, hidden, tree)
         times.append(time.perf_counter() - t)
@@ -160,6 +203,39 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_description() -> dict:
+    """The CPU by model name and the vector flags that decide its kernels (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def portable(path) -> str | None:
+    """A path as a results file records it: relative to the repository, or to the data root
+    ($WORKBOOK_DATA) as data/..., never an absolute path of the machine that ran it."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    from medusa_lib.config import DATA_ENV
+    roots = [(repo_root(), ""), (Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve(), "data/")]
+    for root, prefix in roots:
+        try:
+            return prefix + str(path.relative_to(root))
+        except ValueError:
+            continue
+    return f"(outside the repository)/{path.name}"
 
 
 def reset_peak_rss() -> None:
@@ -211,8 +287,11 @@ class Methods:
                 self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
         max_nodes = max(plan_size(t, **self.lookup.get(name, {})) for name, t in self.trees.items())
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
-                               with_heads=any(m.startswith("medusa") for m in self.methods))
+                               with_heads=any(m.startswith("medusa") for m in self.methods), graph=cfg.base_graph)
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
+        if "ort_ref" in self.methods:  # the reference graph beside it: its own session and cache
+            self.runtimes["ort_ref"] = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=1, with_heads=False,
+                                                    graph="reference")
         if hydra_info is not None:  # the same base session and cache, the sequential heads
             self.runtimes["hydra_tree"] = self.runtimes["hydra_pld"] = with_heads_of(self.rt, hydra_dir)
         self._reference = None
@@ -239,7 +318,7 @@ class Methods:
         torch = self.torch
         if name in ORT_METHODS:
             t = time.perf_counter()
-            out, stats = generate(self.runtimes[name], ids, None if name == "ort" else self.trees[name], max_new_tokens,
+            out, stats = generate(self.runtimes[name], ids, None if name in PLAIN_METHODS else self.trees[name], max_new_tokens,
                                   eos_token_ids=self.eos, **self.lookup.get(name, {}))
             return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
         if name in ("hf", "hf_pld"):
@@ -291,9 +370,14 @@ def _aggregate(records: list[dict]) -> dict:
     else:  # methods without steps of their own: 1.0 (one token a pass) or None (unknown)
         taus = [r["tau"] for r in records if r["tau"] is not None]
         tau = float(np.mean(taus)) if taus else None
+    steps = sum(r.get("steps") or 0 for r in records)
+    base = sum(r.get("base_s") or 0.0 for r in records)
     return {"prompts": len(records), "new_tokens": tokens, "decode_tok_per_s": tokens / decode if decode else 0.0,
             "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": tau,
-            "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None)}
+            "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None),
+            # per step of the decoding loop: inside the base graph's run (ORT) and everything else (heads, host)
+            "base_ms_per_step": 1e3 * base / steps if steps else None,
+            "host_ms_per_step": 1e3 * (decode - base) / steps if steps else None}
 
 
 def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int,
@@ -437,8 +521,9 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             outputs[name] = out
             per_method[name].append({"category": q["category"], "new_tokens": len(out), "decode_s": decode_s,
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
-                                     "tokens": out})
-            if name in ORT_METHODS and name != "ort" and stats is not None:
+                                     "tokens": out, "steps": stats.steps if stats else None,
+                                     "base_s": stats.base_s if stats else None})
+            if name in ORT_METHODS and name not in PLAIN_METHODS and stats is not None:
                 for k, v in stats.split_s.items():
                     split[name][k] += v
                 split[name]["python"] += stats.python_s
@@ -459,15 +544,17 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     result = {"methods": {}, "categories": {}, "time_split": {k: dict(v) for k, v in split.items()}, "notes": notes,
               "divergences_from_ort": divergences,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "cpus": os.cpu_count(), "provider": runner.rt.base.get_providers()[0],
+                          "cpus": os.cpu_count(), **cpu_description(), "provider": runner.rt.base.get_providers()[0],
                           "gpu": runner.torch.cuda.get_device_name(0) if runner.rt.device.type == "cuda" else None,
-                          "graph_dtype": runner.info["dtype"]},
+                          "graph_dtype": runner.info["dtype"], "base_graph": runner.rt.graph,
+                          "nodes_per_layer": graph_nodes_per_layer(export_dir, runner.info["num_layers"])},
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
-                           "questions": str(questions) if questions else "held-out ShareGPT (eval split)",
-                           "tree_file": str(tree_file), "tree_nodes": runner.trees["medusa_tree"].size, "threads": threads,
-                           "hydra_tree_file": str(hydra_tree_file) if hydra_tree_file else None,
+                           "questions": portable(questions) if questions else "held-out ShareGPT (eval split)",
+                           "export_dir": portable(export_dir), "hydra_export_dir": portable(hydra_dir),
+                           "tree_file": portable(tree_file), "tree_nodes": runner.trees["medusa_tree"].size, "threads": threads,
+                           "hydra_tree_file": portable(hydra_tree_file),
                            "hydra_tree_nodes": runner.trees["hydra_tree"].size if hydra_tree_file else None,
-                           "hydra_pld_plan": str(pld_file) if pld_file else None,
+                           "hydra_pld_plan": portable(pld_file),
                            "plans": {name: {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
                                             for k, v in plan.items()} for name, plan in runner.lookup.items() if name in methods}}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
@@ -483,7 +570,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / ort_cat if ort_cat else None)
             result["categories"][cat][name] = agg
     result["accept_lens"] = {n: sum((r["accept_lens"] or [] for r in per_method[n]), []) for n in methods
-                             if n in ORT_METHODS and n != "ort"}
+                             if n in ORT_METHODS and n not in PLAIN_METHODS}
     return result
 
 
@@ -499,8 +586,10 @@ def default_tree_file(cfg: WorkbookConfig, sequential: bool = False) -> Path:
 
 def results_table(result: dict):
     import pandas as pd
-    cols = ["prompts", "new_tokens", "decode_tok_per_s", "e2e_tok_per_s", "peak_rss_mb", "tau", "speedup_vs_ort", "identical_to_ort"]
-    return pd.DataFrame(result["methods"]).T[cols]
+    cols = ["prompts", "new_tokens", "decode_tok_per_s", "e2e_tok_per_s", "peak_rss_mb", "tau", "speedup_vs_ort", "identical_to_ort",
+            "base_ms_per_step", "host_ms_per_step"]
+    frame = pd.DataFrame(result["methods"]).T
+    return frame[[c for c in cols if c in frame]]  # results files written before a column existed lack it
 
 
 def main(argv=None) -> None:
@@ -529,13 +618,17 @@ def main(argv=None) -> None:
                            a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan,
                            hydra_heads=a.hydra_heads)
     if a.heads_from:
-        result["settings"]["heads_from"] = str(a.heads_from)
-    if a.cost_curve:
+        result["settings"]["heads_from"] = portable(a.heads_from)
+    if a.cost_curve:  # the graph decoding used, then the reference graph beside it, one at a time
         from medusa_lib.decoding import load_runtime
-        rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,
-                          max_nodes=max(cfg.cost_curve_sizes), with_heads=False)
-        result["cost_curve_ms"] = {T: round(s * 1e3, 3) for T, s in verify_cost_curve(rt, cfg.cost_curve_sizes).items()}
-        print("ms per verification pass:", result["cost_curve_ms"])
+        for key, graph in (("", cfg.base_graph), ("_reference", "reference")):
+            rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,
+                              max_nodes=max(cfg.cost_curve_sizes), with_heads=False, graph=graph)
+            result[f"cost_curve_ms{key}"] = {T: round(s * 1e3, 3) for T, s in verify_cost_curve(rt, cfg.cost_curve_sizes).items()}
+            result[f"prefix_cost_ms{key}"] = prefix_cost(rt)
+            print(f"ms per verification pass ({rt.graph} graph):", result[f"cost_curve_ms{key}"])
+            print(f"ms per pass of 1 and 8 tokens by cached tokens ({rt.graph} graph):", result[f"prefix_cost_ms{key}"])
+            del rt
     import pandas as pd
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(results_table(result).to_string(float_format=lambda x: f"{x:.2f}"))

@@ -75,6 +75,8 @@ class WorkbookConfig:
     # a replayed plan; notebook 06 chooses the chain, its trigger and the tree beside it on the sizing prompts)
     max_new_tokens: int = 128
     kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
+    base_graph: str = "auto"  # "auto": the fast graph (fast_graph.py) where it runs, else the reference graph, saying
+    # why; "fast" (or an error); "reference": export.TreeStep, the graph notebook 04 teaches (docs/engine.md)
     threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
     # --- benchmark (notebook 06) -------------------------------------------------------------
     bench_questions: str | None = None  # question.jsonl (Spec-Bench / MT-bench format); None = the held-out ShareGPT prompts
@@ -89,16 +91,7 @@ class WorkbookConfig:
     figures_dir: str | None = None  # where the notebooks save figures; None = static/<preset> (the README shows static/full)
 
     def __post_init__(self):
-        problems = [f"{name} must be at least {low}, not {getattr(self, name)!r}" for name, low in (
-            ("num_heads", 1), ("num_layers", 1), ("train_steps", 1), ("batch_positions", 1), ("eval_every", 1),
-            ("topk", 1), ("max_new_tokens", 0), ("kv_capacity", 1), ("bench_prompts", 1), ("bench_max_new_tokens", 1), ("sizing_prompts", 1),
-            ("block_expansion", 0), ("head_vocab", 0), ("threads", 0), ("lookup_tokens", 0), ("hydra_train_steps", 0), ("widget_steps", 1)) if not getattr(self, name) >= low]
-        if self.token_inputs not in ("none", "root", "path"):
-            problems.append(f"token_inputs must be 'none', 'root' or 'path', not {self.token_inputs!r}")
-        if self.export_dtype not in ("float32", "float16"):
-            problems.append(f"export_dtype must be 'float32' or 'float16', not {self.export_dtype!r}")
-        if self.head_target not in ("hard", "soft"):
-            problems.append(f"head_target must be 'hard' or 'soft', not {self.head_target!r}")
+        problems = [p for name in FIELD_NAMES for p in _check_field(name, getattr(self, name))]
         if problems:
             raise ValueError(f"Workbook config {self.name!r}: " + "; ".join(problems) + ".")
 
@@ -109,6 +102,67 @@ class WorkbookConfig:
     def data_dir(self) -> Path:
         """Generated artefacts of this preset: <repo>/data/<preset> (tiny never clobbers full)."""
         return Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve() / self.name
+
+
+# ----------------------------------------------------------------------------------------------
+# One validation for every field: its type, then its range or its choices, named in the message.
+
+BENCH_METHODS = ("hf", "hf_pld", "ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "head_output": ("shared", "own"), "token_inputs": ("none", "root", "path"), "head_target": ("hard", "soft"),
+    "label_source": ("greedy", "base", "data"), "train_precision": ("auto", "bf16", "fp32"),
+    "export_dtype": ("float32", "float16"), "base_graph": ("auto", "fast", "reference"),
+}
+AT_LEAST = {  # whole numbers and their least value (0 where 0 means "off" or "all")
+    "max_records": 0, "min_eval_records": 0, "max_length": 2, "seed": 0, "distill_train_records": 0,
+    "distill_eval_records": 0, "distill_max_new_tokens": 1, "distill_batch_size": 1, "num_heads": 1, "num_layers": 1,
+    "block_expansion": 0, "head_vocab": 0, "hydra_train_steps": 0, "widget_steps": 1, "warmup_steps": 0,
+    "train_steps": 1, "batch_positions": 1, "eval_every": 1, "eval_positions": 1, "cache_batch_tokens": 1,
+    "train_records": 0, "topk": 1, "tree_nodes": 1, "lookup_tokens": 0, "max_new_tokens": 0, "kv_capacity": 1,
+    "threads": 0, "sizing_prompts": 1, "bench_prompts": 1, "bench_max_new_tokens": 1,
+}
+BETWEEN = {"eval_fraction": (0.0, 1.0, "0 <= x < 1"), "loss_decay": (0.0, 1.0, "0 < x <= 1"), "lr": (0.0, 1.0, "0 < x <= 1")}
+OPTIONAL_STR = ("data_file", "bench_questions", "sizing_questions", "figures_dir")
+
+
+def _check_field(name: str, value) -> list[str]:
+    """Why `value` is not a valid `name` ([] when it is): one sentence naming the field."""
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if name == "name":
+        return [] if isinstance(value, str) and value else ["name must be a non-empty string"]
+    if name in CHOICES:
+        ok = value in CHOICES[name] or (name == "device" and isinstance(value, str) and value.startswith("cuda:"))
+        return [] if ok and isinstance(value, str) else [f"{name} must be one of {CHOICES[name]}, not {value!r}"]
+    if name in OPTIONAL_STR:
+        return [] if value is None or (isinstance(value, str) and value) else [f"{name} must be a path or null, not {value!r}"]
+    if name == "base_model":
+        return [] if isinstance(value, str) and value else [f"base_model must be 'embedded', a model id or a path, not {value!r}"]
+    if name == "int8_heads":
+        return [] if isinstance(value, bool) else [f"int8_heads must be true or false, not {value!r}"]
+    if name in AT_LEAST:
+        if not whole(value):
+            return [f"{name} must be a whole number, not {value!r} ({type(value).__name__})"]
+        low = AT_LEAST[name]
+        return [] if value >= low else [f"{name} must be at least {low}, not {value!r}"]
+    if name in BETWEEN:
+        low, high, text = BETWEEN[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+            return [f"{name} must be a finite number ({text}), not {value!r}"]
+        inside = (low <= value < high) if name == "eval_fraction" else (low < value <= high)
+        return [] if inside else [f"{name} must be {text}, not {value!r}"]
+    if name == "cost_curve_sizes":
+        ok = isinstance(value, tuple) and value and all(whole(v) and v >= 1 for v in value)
+        return [] if ok else [f"cost_curve_sizes must be a non-empty list of whole numbers >= 1, not {value!r}"]
+    if name == "bench_methods":
+        ok = isinstance(value, tuple) and value and all(isinstance(v, str) and v in BENCH_METHODS for v in value)
+        return [] if ok else [f"bench_methods must be a non-empty list from {BENCH_METHODS}, not {value!r}"]
+    return [f"{name} has no check: add it to config.py's validation"]
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(WorkbookConfig))
 
 
 PRESETS: dict[str, WorkbookConfig] = {

@@ -10,6 +10,11 @@ The cache is one preallocated tensor (torch, on the ORT device) bound with IO bi
 the first n rows in place and writes the new rows in place, so no step copies the cache.
 With no tree (or no heads) the same loop is plain greedy decoding, one token per pass.
 
+Two base graphs run under the same five steps (docs/engine.md): the reference graph of notebook 04
+(export.TreeStep, traced op by op; cache rows sequence-major) and the fast graph (fast_graph.py,
+ONNX Runtime's fused operators; cache head-major, bound once per pass width). `graph="auto"` takes
+the fast one where the export has it and the provider runs it, and says so when it cannot.
+
     rt = load_runtime("data/onnx", capacity=2048)
     tokens, stats = generate(rt, prompt_ids, tree, max_new_tokens=128)
 """
@@ -29,6 +34,7 @@ import onnxruntime as ort
 import torch
 
 from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
+from medusa_lib.fast_graph import FAST_FILE, fast_io_names, max_positions_of
 from medusa_lib.tree import PAD, DraftRule, TreeBuffers, grow_draft, prompt_lookup, subtree, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
@@ -44,12 +50,30 @@ class OrtRuntime:
     info: dict
     device: torch.device
     capacity: int
-    cache: torch.Tensor  # (2L, 1, capacity, kv_heads, head_dim), keys and values interleaved
+    cache: torch.Tensor  # keys and values interleaved: (2L, 1, capacity, kv_heads, head_dim) for the reference
+    # graph, (2L, 1, kv_heads, capacity, head_dim) for the fast graph (GroupQueryAttention's layout)
     logits_buf: torch.Tensor  # (1, max_nodes, V)
     hidden_buf: torch.Tensor  # (1, max_nodes, C)
     np_dtype: type
     names_in: list[str]
     names_out: list[str]
+    graph: str = "reference"  # or "fast"
+    bias_buf: torch.Tensor | None = None  # (max_nodes * capacity,) where each step's attention bias is written
+    step_buf: torch.Tensor | None = None  # fast graph: (2, max_nodes) int64 ids and positions of a pass
+    seq_buf: torch.Tensor | None = None  # fast graph: (2,) int32 seqlens_k = n+T-1, total_sequence_length = n+T
+    bindings: dict = field(default_factory=dict)  # fast graph: pass width T -> its IO binding (cache bound once)
+    base_s: list = field(default_factory=lambda: [0.0])  # seconds inside the base graph's runs (ORT), summed
+
+    def kv_rows(self, j: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of cache tensor j (2*layer for keys, +1 for values): (rows, kv_heads, head_dim)
+        whichever graph's layout holds them (a view for the reference graph, a copy for the fast one)."""
+        if self.graph == "fast":
+            return self.cache[j, 0, :, start:stop].transpose(0, 1).contiguous()
+        return self.cache[j, 0, start:stop]
+
+    def bias(self, T: int, n: int) -> torch.Tensor:
+        """A (1, 1, T, n+T) view of the preallocated bias buffer (contents left as they are)."""
+        return self.bias_buf[: T * (n + T)].view(1, 1, T, n + T)
 
 
 @dataclass
@@ -62,6 +86,7 @@ class DecodeStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     split_s: dict = field(default_factory=lambda: {"verify": 0.0, "heads": 0.0, "accept": 0.0, "compact": 0.0})
+    base_s: float = 0.0  # of decode_s, the time inside the base graph's runs (the rest is the host's: heads, numpy, Python)
     stopped: str = "max_new_tokens"  # or "eos", "capacity"
 
     @property
@@ -116,16 +141,52 @@ def _session(path: Path, options, providers) -> ort.InferenceSession:
                          f"damaged or truncated; re-export (notebook 04).") from None
 
 
+GRAPHS = ("auto", "fast", "reference")
+
+
+def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, options, providers) -> ort.InferenceSession | None:
+    """The fast graph's session, or None (with the reason said) where the reference graph must serve:
+    an export without it, an fp16 export, the CUDA provider (GroupQueryAttention has no fp32 kernel
+    there), a capacity beyond its rotary tables, or an ONNX Runtime that lacks its operators."""
+    name = info["files"].get("base_fast")
+    why = None
+    if not name:
+        why = f"{export_dir} has no fast graph ({info.get('fast_graph', 'exported before the fast graph existed; re-export')})"
+    elif providers[0] == "CUDAExecutionProvider":
+        why = ("GroupQueryAttention runs in fp16/bf16 only on ONNX Runtime's CUDA provider, and the graphs are fp32 "
+               "(the lossless choice)")
+    else:
+        try:
+            session = ort.InferenceSession(str(export_dir / name), options, providers=providers)
+        except Exception as err:  # an ORT without com.microsoft.GroupQueryAttention's inputs, or a damaged file
+            why = f"ONNX Runtime {ort.__version__} cannot load {export_dir / name} ({str(err).splitlines()[0][:160]})"
+        else:
+            if capacity <= max_positions_of(session):
+                return session
+            why = f"kv capacity {capacity} exceeds the {max_positions_of(session)} positions of its rotary tables"
+    if graph == "fast":
+        raise RuntimeError(f"graph='fast' cannot run: {why}. Use graph='auto' (falls back to the reference graph).")
+    warnings.warn(f"Fast base graph not used: {why}; decoding with the reference graph (slower, same outputs).",
+                  stacklevel=3)
+    return None
+
+
 def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
-                 max_nodes: int = 128, with_heads: bool = True, spin: bool = False) -> OrtRuntime:
+                 max_nodes: int = 128, with_heads: bool = True, spin: bool = False, graph: str = "auto") -> OrtRuntime:
+    """Sessions, KV cache and buffers for decoding an export. `graph`: "auto" (the fast graph where it
+    can run, else the reference graph with a warning saying why), "fast" (or an error) or "reference"."""
     export_dir = Path(export_dir)
     if capacity < 1 or max_nodes < 1 or threads < 0:
         raise ValueError(f"load_runtime needs capacity >= 1, max_nodes >= 1 and threads >= 0 "
                          f"(got {capacity}, {max_nodes}, {threads}).")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}.")
     info = read_export_info(export_dir)
     providers = execution_providers(provider)
     options = _session_options(threads, spin)
-    base = _session(export_dir / BASE_FILE, options, providers)
+    base = None if graph == "reference" else _fast_session(export_dir, info, graph, capacity, options, providers)
+    fast = base is not None
+    base = base or _session(export_dir / BASE_FILE, options, providers)
     if base.get_providers()[0] != providers[0]:  # ORT falls back to the CPU when its CUDA provider cannot load
         why = (f"ONNX Runtime could not start its CUDA provider for {export_dir / BASE_FILE} (usually CUDA 13's libcublas, "
                f"libcudart or libcudnn are not found): add the nvidia/*/lib folders of the CUDA wheels to LD_LIBRARY_PATH "
@@ -142,13 +203,18 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
     dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
     layers, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
-    names_in, names_out = io_names(layers)
+    names_in, names_out = fast_io_names(layers) if fast else io_names(layers)
+    cache_shape = (2 * layers, 1, Hkv, capacity, D) if fast else (2 * layers, 1, capacity, Hkv, D)
     return OrtRuntime(
         base=base, heads=heads, embed=embed, info=info, device=device, capacity=capacity,
-        cache=torch.zeros(2 * layers, 1, capacity, Hkv, D, dtype=dtype, device=device),
+        cache=torch.zeros(cache_shape, dtype=dtype, device=device),
         logits_buf=torch.zeros(1, max_nodes, info["vocab_size"], dtype=dtype, device=device),
         hidden_buf=torch.zeros(1, max_nodes, info["hidden_size"], dtype=dtype, device=device),
         np_dtype=np.float16 if dtype == torch.float16 else np.float32, names_in=names_in, names_out=names_out,
+        graph="fast" if fast else "reference",
+        bias_buf=torch.zeros(max_nodes * capacity, dtype=dtype, device=device),
+        step_buf=torch.zeros(2, max_nodes, dtype=torch.int64) if fast else None,
+        seq_buf=torch.zeros(2, dtype=torch.int32) if fast else None,
     )
 
 
@@ -173,6 +239,8 @@ def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.nd
 
     Returns (logits (T, V), hidden (T, C)): views of the preallocated buffers, or fresh tensors
     when into_buffers is False (the prefill, whose T can exceed the buffers)."""
+    if rt.graph == "fast":
+        return _run_fast(rt, ids, positions, bias, n, into_buffers)
     T = len(ids)
     dev, dev_id = rt.device.type, rt.device.index or 0
     io = rt.base.io_binding()
@@ -198,9 +266,66 @@ def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.nd
         io.bind_output(name_out, dev, dev_id, rt.np_dtype, [1, T, *kv_shape], ptr + n * row_bytes)
     if rt.device.type == "cuda":  # ORT runs on its own CUDA stream: torch's writes (bias, compacted cache) must land first
         torch.cuda.synchronize(rt.device)
+    t = time.perf_counter()
     rt.base.run_with_iobinding(io)
     if rt.device.type == "cuda":
         io.synchronize_outputs()  # and ORT's outputs before torch reads them
+    rt.base_s[0] += time.perf_counter() - t
+    return logits[0, :T], hidden[0, :T]  # (T, V), (T, C)
+
+
+def _bind_fast(rt: OrtRuntime, T: int, ids: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor,
+               hidden: torch.Tensor):
+    """An IO binding of the fast graph for passes of T tokens: ids and positions (T,) int64 and the
+    sequence lengths (rt.seq_buf) read where they lie, logits (1, T', V) and hidden (1, T', C) written
+    in place, and every layer's past and present bound to the same cache tensor, so GroupQueryAttention
+    reads rows 0..n-1 and writes rows n..n+T-1 in place. Only the bias, whose width n+T changes every
+    step, is bound per pass."""
+    dev, dev_id = rt.device.type, rt.device.index or 0
+    io = rt.base.io_binding()
+    io.bind_input("input_ids", "cpu", 0, np.int64, [1, T], ids.data_ptr())
+    io.bind_input("position_ids", "cpu", 0, np.int64, [1, T], positions.data_ptr())
+    io.bind_input("seqlens_k", "cpu", 0, np.int32, [1], rt.seq_buf.data_ptr())
+    io.bind_input("total_sequence_length", "cpu", 0, np.int32, [], rt.seq_buf.data_ptr() + rt.seq_buf.element_size())
+    io.bind_output("logits", dev, dev_id, rt.np_dtype, [1, T, logits.shape[2]], logits.data_ptr())
+    io.bind_output("hidden_states", dev, dev_id, rt.np_dtype, [1, T, hidden.shape[2]], hidden.data_ptr())
+    shape = [1, *rt.cache.shape[2:]]  # (1, kv_heads, capacity, head_dim)
+    for j, (name_in, name_out) in enumerate(zip(rt.names_in[5:], rt.names_out[2:])):
+        ptr = rt.cache[j].data_ptr()
+        io.bind_input(name_in, dev, dev_id, rt.np_dtype, shape, ptr)
+        io.bind_output(name_out, dev, dev_id, rt.np_dtype, shape, ptr)
+    return io
+
+
+def _run_fast(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias, n: int,
+              into_buffers: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """run_base on the fast graph. A step writes its few numbers into buffers bound once per pass
+    width; the prefill (any length) gets a binding of its own."""
+    T = len(ids)
+    if n + T > rt.capacity:
+        raise ValueError(f"A pass of {T} tokens at offset {n} exceeds the KV capacity of {rt.capacity} tokens.")
+    ids = torch.from_numpy(np.asarray(ids, dtype=np.int64).reshape(-1))  # (T,)
+    positions = torch.from_numpy(np.asarray(positions, dtype=np.int64).reshape(-1))  # (T,)
+    if into_buffers:
+        if T > rt.step_buf.shape[1]:
+            raise ValueError(f"A pass of {T} tokens exceeds the runtime's max_nodes={rt.step_buf.shape[1]}.")
+        logits, hidden = rt.logits_buf, rt.hidden_buf
+        if T not in rt.bindings:
+            rt.bindings[T] = _bind_fast(rt, T, rt.step_buf[0], rt.step_buf[1], logits, hidden)
+        io = rt.bindings[T]
+        rt.step_buf[0, :T], rt.step_buf[1, :T] = ids, positions
+    else:
+        logits = torch.empty(1, T, rt.logits_buf.shape[2], dtype=rt.cache.dtype, device=rt.device)  # (1, T, V)
+        hidden = torch.empty(1, T, rt.hidden_buf.shape[2], dtype=rt.cache.dtype, device=rt.device)  # (1, T, C)
+        io = _bind_fast(rt, T, ids, positions, logits, hidden)
+    rt.seq_buf[0], rt.seq_buf[1] = n + T - 1, n + T
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.from_numpy(np.ascontiguousarray(bias))
+    bias = bias.to(device=rt.device, dtype=rt.cache.dtype).contiguous()  # a no-op for rt.bias(...) views
+    io.bind_input("attention_bias", rt.device.type, rt.device.index or 0, rt.np_dtype, [1, 1, T, n + T], bias.data_ptr())
+    t = time.perf_counter()
+    rt.base.run_with_iobinding(io)
+    rt.base_s[0] += time.perf_counter() - t
     return logits[0, :T], hidden[0, :T]  # (T, V), (T, C)
 
 
@@ -306,7 +431,8 @@ def verify(rt: OrtRuntime, tree_tokens: np.ndarray, tree: TreeBuffers, n: int) -
     """3. One forward of the N tree tokens at positions n + depth, attending to the whole prefix
     and, inside the block, only along the tree mask."""
     N = len(tree_tokens)
-    bias = torch.zeros(1, 1, N, n + N, dtype=rt.cache.dtype, device=rt.device)  # built where ORT reads it
+    bias = rt.bias(N, n)  # (1, 1, N, n+N) in the preallocated buffer, where ORT reads it
+    bias[0, 0, :, :n] = 0.0  # the whole prefix is seen
     bias[0, 0, :, n:] = torch.from_numpy(np.where(tree.mask, 0.0, MASKED)).to(bias)  # (N, N) block
     return run_base(rt, tree_tokens, n + tree.positions, bias, n)  # (N, V), (N, C)
 
@@ -346,11 +472,19 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
 def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
     """5. Move the accepted nodes' K/V rows from n + node to n, n+1, ... (a few rows, not the cache)."""
     if rt.device.type == "cpu":  # numpy on the shared memory: no torch thread pool for a few rows
-        cache = rt.cache.numpy()  # (2L, 1, capacity, Hkv, D), same memory
-        cache[:, 0, n: n + len(nodes)] = cache[:, 0, n + nodes]  # (2L, L+1, Hkv, D); the RHS is gathered first
+        cache = rt.cache.numpy()  # same memory
+        if rt.graph == "fast":  # (2L, 1, Hkv, capacity, D)
+            layer = cache[:, 0]  # (2L, Hkv, capacity, D): one array index, so its axis stays in place
+            layer[:, :, n: n + len(nodes)] = layer[:, :, n + nodes]  # (2L, Hkv, L+1, D)
+        else:  # (2L, 1, capacity, Hkv, D)
+            cache[:, 0, n: n + len(nodes)] = cache[:, 0, n + nodes]  # (2L, L+1, Hkv, D); the RHS is gathered first
         return
     src = torch.from_numpy(n + nodes).to(rt.device)  # (L+1,)
-    rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D)
+    if rt.graph == "fast":
+        layer = rt.cache[:, 0]  # (2L, Hkv, capacity, D)
+        layer[:, :, n: n + len(nodes)] = layer[:, :, src]  # (2L, Hkv, L+1, D)
+    else:
+        rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +580,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     stats.prefill_s = time.perf_counter() - t0
     n = len(prompt)
     t_start = time.perf_counter()
+    base_before = rt.base_s[0]
     clock = StepClock(stats.split_s)
     while True:
         if n + N > rt.capacity:
@@ -477,7 +612,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             hidden = hiddens[nodes[-1]].clone()
         else:  # plain decoding: one token per pass
             with clock("verify"):
-                bias = torch.zeros(1, 1, 1, n + 1, dtype=rt.cache.dtype, device=rt.device)  # (1, 1, 1, n+1): sees all
+                bias = rt.bias(1, n).zero_()  # (1, 1, 1, n+1): sees all
                 logits, _ = run_base(rt, np.array([root]), np.array([n]), bias, n)  # (1, V)
             with clock("accept"):
                 next_root = next_token(logits[0], temperature, rng)
@@ -499,6 +634,7 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
                 stats.stopped = "max_new_tokens"
             break
     stats.decode_s = time.perf_counter() - t_start
+    stats.base_s = rt.base_s[0] - base_before
     stats.new_tokens = len(out)
     return out, stats
 
@@ -520,7 +656,7 @@ def parity_report(model, rt, prompt_ids, tree_tokens: np.ndarray, tree) -> list[
              "max_abs_diff": float((ort_last.float().cpu() - hf[-1]).abs().max())}]
     ort_tree = verify(rt, tree_tokens, tree, P)[0].float().cpu().clone()  # (N, V)
     layers, Hkv, D = kv_shape(model)
-    past = [rt.cache[j, :, :P].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * layers)]
+    past = [rt.kv_rows(j, 0, P)[None].to(device=device, dtype=next(model.parameters()).dtype) for j in range(2 * layers)]
     bias = np.zeros((1, 1, len(tree_tokens), P + len(tree_tokens)), dtype=np.float32)
     bias[0, 0, :, P:] = np.where(tree.mask, 0.0, MASKED)
     torch_tree = TreeStep(model)(torch.from_numpy(tree_tokens)[None].to(device),

@@ -233,6 +233,14 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
     dtype = torch.float16 if fp16 else torch.float32
     t0 = time.time()
     export_base(model, work, dtype)
+    fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
+    if fp16:
+        fast_note = "fp16 export: the fast graph is written in fp32 only"
+    else:
+        from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
+        fast_note = fast_graph_problem(model)
+        if fast_note is None:
+            fast_file = export_fast_base(model, work).name
     head_files = []
     if heads is not None:
         lm_head = model.get_output_embeddings().weight.detach()
@@ -246,7 +254,8 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
             np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
     layers, Hkv, D = kv_shape(model)
     config = heads.config if heads is not None else None
-    info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files]}, "topk": topk,
+    info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
+                      "base_fast_skipped": fast_note}, "fast_graph": fast_note or "written", "topk": topk,
             "dtype": "float16" if fp16 else "float32", "num_layers": layers,
             "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
             "vocab_size": model.get_output_embeddings().weight.shape[0],

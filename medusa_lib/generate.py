@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     sequential = info.get("token_inputs") == "path"
     tree, lookup = (None, {}) if a.plain else load_plan(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,
-                      max_nodes=plan_size(tree, **lookup) if tree else 1)
+                      max_nodes=plan_size(tree, **lookup) if tree else 1, graph=cfg.base_graph)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(info.get("base_model") or cfg.base_model))
     text = tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     out, stats = generate(rt, ids, tree, max_new_tokens, a.temperature, a.seed, **lookup)
     print(tokenizer.decode(out, skip_special_tokens=True))
     print(f"\n[{stats.new_tokens} tokens, tau {stats.tau:.2f}, {stats.decode_tok_per_s:.1f} tok/s decode, "
-          f"stopped on {stats.stopped}]")
+          f"stopped on {stats.stopped}, {rt.graph} graph]")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,23 @@ def test_heads_are_timed_each_right_after_a_verification_pass_as_the_loop_calls_
                          np_dtype=np.float32)
     assert heads_seconds(rt, reps=4, prefix=30) >= 0
     assert calls == [("pass", 1, 30), ("heads", 2)] * 5  # a pass before every call (the first call untimed)
+
+
+def test_results_record_paths_inside_the_clone_and_the_machine_by_cpu(tmp_path, monkeypatch):
+    from medusa_lib.bench import cpu_description, portable
+    from medusa_lib.config import repo_root
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path / "scratch" / "data"))
+    assert portable(repo_root() / "static" / "questions.jsonl") == "static/questions.jsonl"
+    assert portable(tmp_path / "scratch" / "data" / "full" / "trees" / "tree.json") == "data/full/trees/tree.json"
+    assert portable(tmp_path / "elsewhere" / "plan.json") == "(outside the repository)/plan.json"
+    assert str(tmp_path) not in portable(tmp_path / "elsewhere" / "plan.json") and portable(None) is None
+    cpu = cpu_description()
+    assert cpu["cpu_model"] and isinstance(cpu["cpu_flags"], list)
+
+
+def test_committed_results_hold_no_absolute_paths():
+    import re
+    from medusa_lib.config import repo_root
+    for path in (repo_root() / "static").rglob("*.json"):
+        found = re.findall(r'"(/(?:root|tmp|home|work|Users|mnt)/[^"]*)"', path.read_text())
+        assert not found, (path.name, found[:3])

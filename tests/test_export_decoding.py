@@ -26,9 +26,10 @@ def exported(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def rt(exported):
-    return load_runtime(exported, capacity=256, max_nodes=16)
+@pytest.fixture(params=["fast", "reference"])
+def rt(exported, request):
+    """Both base graphs (fast_graph.py and export.TreeStep) run every test that takes `rt`."""
+    return load_runtime(exported, capacity=256, max_nodes=16, graph=request.param)
 
 
 def hf_greedy(model, prompt, n):
@@ -202,7 +203,10 @@ def test_an_export_without_its_heads_graph_says_so(tiny_llama, tmp_path):
         load_runtime(tmp_path, capacity=64)
     (tmp_path / "base.onnx").write_bytes((tmp_path / "base.onnx").read_bytes()[:1000])
     with pytest.raises(ValueError, match="base.onnx cannot be loaded .*damaged or truncated"):
-        load_runtime(tmp_path, capacity=64, with_heads=False)
+        load_runtime(tmp_path, capacity=64, with_heads=False, graph="reference")
+    (tmp_path / "base_fast.onnx").write_bytes((tmp_path / "base_fast.onnx").read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="cannot load .*base_fast.onnx"):
+        load_runtime(tmp_path, capacity=64, with_heads=False, graph="fast")
 
 
 def test_an_interrupted_reexport_leaves_the_old_export_whole(tiny_llama, tmp_path, monkeypatch):

@@ -1,0 +1,218 @@
+"""The fast base graph: the same model as export.TreeStep, written with ONNX Runtime's fused operators.
+
+export.TreeStep is the readable reference (notebook 04): the PyTorch module traced op by op, about
+80 ONNX nodes a layer, and a KV cache that is concatenated and expanded every pass. This module
+writes the graph by hand instead, from the model's weights, with about a dozen nodes a layer:
+
+    SkipSimplifiedLayerNormalization    residual add + RMSNorm in one node
+    MatMul (packed q|k|v) [+ Add bias]  one projection for the three
+    GroupQueryAttention                 rotary from explicit position ids, the grouped kv heads,
+                                        causal order + the tree as an additive bias, and the new
+                                        K/V rows written in place into a preallocated cache
+    MatMul (o_proj)
+    SkipSimplifiedLayerNormalization
+    MatMul (packed gate|up), Split, Sigmoid, Mul, Mul   SiLU(gate) * up
+    MatMul (down_proj)
+
+Inputs and outputs (B = 1, T new tokens, capacity S of the cache):
+  inputs   input_ids [1, T] int64, position_ids [1, T] int64,
+           attention_bias [1, 1, T, n+T] float (the tree mask; causal order is GQA's own),
+           seqlens_k [1] int32 = n+T-1, total_sequence_length [] int32 = n+T,
+           past_key_values.{i}.key / .value  [1, kv_heads, S, head_dim]  (head-major: GQA's layout)
+  outputs  logits [1, T, V], hidden_states [1, T, C],
+           present.{i}.key / .value  [1, kv_heads, S, head_dim]: bound to the same memory as the past,
+           so ORT reads rows 0..n-1 and writes rows n..n+T-1 in place.
+
+Positions are explicit (n + depth of each tree node), so the keys of a tree node are rotated for the
+position it will hold once accepted, exactly as in the reference graph.
+
+    problem = fast_graph_problem(model)      # None, or why this base cannot have the fast graph
+    export_fast_base(model, "data/onnx")     # -> data/onnx/base_fast.onnx
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+FAST_FILE = "base_fast.onnx"
+OPSET = 17
+MS_DOMAIN = "com.microsoft"
+MAX_POSITIONS = 8192  # rotary tables' rows: the largest KV capacity the fast graph serves (unless the base has fewer)
+
+
+def fast_io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [f"{i}.{part}" for i in range(num_layers) for part in ("key", "value")]
+    return (["input_ids", "position_ids", "attention_bias", "seqlens_k", "total_sequence_length"]
+            + [f"past_key_values.{n}" for n in kv],
+            ["logits", "hidden_states"] + [f"present.{n}" for n in kv])
+
+
+def fast_graph_problem(model) -> str | None:
+    """None when the fast graph can express this base exactly; else why not (the caller falls back
+    to the reference graph and says so)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(layers[0], "self_attn") or not hasattr(layers[0].self_attn, "q_proj"):
+        return f"{type(model).__name__} is not a Llama-family decoder"
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    cfg = model.config
+    if hasattr(attn, "q_norm"):
+        return "per-head q/k norms (Qwen3) are not written in the fast graph"
+    if attn.head_dim % 16:
+        return f"head_dim {attn.head_dim} is not a multiple of 16 (GroupQueryAttention's rotary needs it)"
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "the MLP is not gate/up/down"
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        return f"hidden_act {cfg.hidden_act!r} (the fast graph writes SiLU)"
+    rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return f"rope type {rope.get('rope_type', rope.get('type'))!r} depends on the sequence length"
+    if getattr(attn, "sliding_window", None) or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
+        return "biases on o_proj or the MLP"
+    return None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def rotary_tables(model, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (rows, rotary_dim/2) from the base's own rotary embedding (its scaling included)."""
+    inner = model.model
+    x = torch.zeros(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        cos, sin = inner.rotary_emb(x, torch.arange(rows)[None])  # (1, rows, rotary_dim), halves repeated
+    half = cos.shape[-1] // 2
+    return _np(cos[0, :, :half]), _np(sin[0, :, :half])
+
+
+def build_fast_graph(model, max_positions: int = MAX_POSITIONS) -> onnx.ModelProto:
+    """The fast graph of `model` (fp32) as an in-memory ONNX model."""
+    problem = fast_graph_problem(model)
+    if problem:
+        raise NotImplementedError(f"No fast graph for this base: {problem}.")
+    cfg, inner = model.config, model.model
+    layers = inner.layers
+    attn0 = layers[0].self_attn
+    D = attn0.head_dim
+    H = attn0.q_proj.out_features // D
+    Hkv = attn0.k_proj.out_features // D
+    C = cfg.hidden_size
+    V = model.get_output_embeddings().weight.shape[0]
+    eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+    rows = min(max_positions, int(getattr(cfg, "max_position_embeddings", max_positions) or max_positions))
+    names_in, names_out = fast_io_names(len(layers))
+    inits, nodes = [], []
+
+    def init(name, array):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32)
+                                             if array.dtype.kind == "f" else array, name))
+        return name
+
+    def node(op, inputs, outputs, domain="", **attrs):
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+        return outputs[0]
+
+    cos, sin = rotary_tables(model, rows)
+    init("cos_cache", cos); init("sin_cache", sin)
+    init("embed", _np(inner.embed_tokens.weight))  # (V, C)
+    init("split_sizes", np.array([layers[0].mlp.gate_proj.out_features] * 2, dtype=np.int64))
+    x = node("Gather", ["embed", "input_ids"], ["x_0"])  # (1, T, C)
+    residual, delta = None, None
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        p = f"l{i}."
+        # 1 residual add + input norm
+        if delta is None:
+            h = node("SimplifiedLayerNormalization", [x, init(p + "ln1", _np(layer.input_layernorm.weight))], [p + "h"],
+                     axis=-1, epsilon=eps, stash_type=1)
+            residual = x
+        else:
+            h = node("SkipSimplifiedLayerNormalization", [delta, residual, init(p + "ln1", _np(layer.input_layernorm.weight))],
+                     [p + "h", "", "", p + "r_in"], domain=MS_DOMAIN, epsilon=eps)
+            residual = p + "r_in"
+        # 2 packed q|k|v
+        w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0)  # (Dq+2Dkv, C)
+        qkv = node("MatMul", [h, init(p + "w_qkv", _np(w_qkv).T)], [p + "qkv"])  # (1, T, Dq+2Dkv)
+        if attn.q_proj.bias is not None:  # Qwen2: biases on q, k, v
+            b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            qkv = node("Add", [qkv, init(p + "b_qkv", _np(b))], [p + "qkv_b"])
+        # 3 attention: rotary, grouped kv heads, causal + tree bias, cache written in place
+        past_k, past_v = names_in[5 + 2 * i], names_in[6 + 2 * i]
+        ctx = node("GroupQueryAttention",
+                   [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
+                    "position_ids", "attention_bias"],
+                   [p + "ctx", names_out[2 + 2 * i], names_out[3 + 2 * i]], domain=MS_DOMAIN,
+                   num_heads=H, kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=0, scale=float(attn.scaling))
+        attn_out = node("MatMul", [ctx, init(p + "w_o", _np(attn.o_proj.weight).T)], [p + "attn"])  # (1, T, C)
+        # 4 residual add + post-attention norm
+        h2 = node("SkipSimplifiedLayerNormalization",
+                  [attn_out, residual, init(p + "ln2", _np(layer.post_attention_layernorm.weight))],
+                  [p + "h2", "", "", p + "r_mid"], domain=MS_DOMAIN, epsilon=eps)
+        residual = p + "r_mid"
+        # 5 MLP: SiLU(gate) * up, then down
+        w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)  # (2I, C)
+        gu = node("MatMul", [h2, init(p + "w_gu", _np(w_gu).T)], [p + "gu"])  # (1, T, 2I)
+        gate, up = p + "gate", p + "up"
+        node("Split", [gu, "split_sizes"], [gate, up], axis=-1)
+        act = node("Mul", [gate, node("Sigmoid", [gate], [p + "sig"])], [p + "silu"])
+        delta = node("MatMul", [node("Mul", [act, up], [p + "act"]), init(p + "w_down", _np(mlp.down_proj.weight).T)],
+                     [p + "mlp"])  # (1, T, C)
+    node("SkipSimplifiedLayerNormalization", [delta, residual, init("ln_f", _np(inner.norm.weight))],
+         ["hidden_states", "", "", "r_out"], domain=MS_DOMAIN, epsilon=eps)
+    lm = model.get_output_embeddings()
+    tied = lm.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+    if tied:  # one copy of the table: Gemm reads it transposed
+        flat = node("Reshape", ["hidden_states", init("shape_2d", np.array([-1, C], dtype=np.int64))], ["h_2d"])
+        out = node("Gemm", [flat, "embed"], ["logits_2d"], transB=1)
+        node("Reshape", [out, init("shape_3d", np.array([1, -1, V], dtype=np.int64))], ["logits"])
+    else:
+        node("MatMul", ["hidden_states", init("w_lm", _np(lm.weight).T)], ["logits"])
+    if getattr(lm, "bias", None) is not None:
+        raise NotImplementedError("No fast graph for this base: a bias on lm_head.")
+
+    f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    kv = [1, Hkv, "S", D]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, [1, "T"]),
+              helper.make_tensor_value_info("position_ids", i64, [1, "T"]),
+              helper.make_tensor_value_info("attention_bias", f, [1, 1, "T", "n_plus_T"]),
+              helper.make_tensor_value_info("seqlens_k", i32, [1]),
+              helper.make_tensor_value_info("total_sequence_length", i32, [])]
+    inputs += [helper.make_tensor_value_info(n, f, kv) for n in names_in[5:]]
+    outputs = [helper.make_tensor_value_info("logits", f, [1, "T", V]),
+               helper.make_tensor_value_info("hidden_states", f, [1, "T", C])]
+    outputs += [helper.make_tensor_value_info(n, f, kv) for n in names_out[2:]]
+    graph = helper.make_graph(nodes, "medusa_fast_base", inputs, outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="medusa_lib.fast_graph")
+    proto.metadata_props.append(onnx.StringStringEntryProto(key="max_positions", value=str(rows)))
+    return proto
+
+
+def export_fast_base(model, out_dir: str | Path, max_positions: int = MAX_POSITIONS) -> Path:
+    """Write out_dir/base_fast.onnx (weights beside it when over protobuf's 2 GB limit); renamed into
+    place last, so an interrupted export never leaves a file that looks whole."""
+    from medusa_lib.export import EXTERNAL_DATA_LIMIT
+
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    proto = build_fast_graph(model, max_positions)
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_LIMIT - (64 << 20)
+    path = out_dir / FAST_FILE
+    tmp = path.with_name(path.name + ".partial")
+    onnx.save_model(proto, str(tmp), save_as_external_data=large, location=path.name + ".data" if large else None)
+    os.replace(tmp, path)
+    return path
+
+
+def max_positions_of(session) -> int:
+    """The rotary tables' rows of a loaded fast graph: the largest KV capacity it can serve."""
+    meta = session.get_modelmeta().custom_metadata_map
+    return int(meta.get("max_positions", 0))

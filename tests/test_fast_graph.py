@@ -1,0 +1,156 @@
+"""The fast base graph (fast_graph.py): a dozen fused nodes a layer, the same logits as the reference
+graph, the same greedy output with and without Medusa, and a fallback that says so."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medusa_lib.decoding import generate, load_runtime, parity_report, run_base, verify
+from medusa_lib.export import causal_bias, export_medusa
+from medusa_lib.fast_graph import FAST_FILE, build_fast_graph, fast_graph_problem
+from medusa_lib.heads import HeadsConfig, MedusaHeads
+from medusa_lib.tree import DraftRule, build_tree
+
+TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
+PROMPTS = [[5, 17, 33, 2, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [7], [90, 1, 90, 1, 90, 1, 90, 1]]
+LOGITS_ATOL = 1e-4  # fast vs reference graph, fp32, different kernels (fused RMSNorm, GQA): measured <= 4e-7 here
+MAX_NODES_PER_LAYER = 15
+
+
+def llama(layers: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def optimized_nodes(proto: onnx.ModelProto, tmp_path, name: str) -> list[str]:
+    """Op types of the graph as ONNX Runtime runs it (after its own optimizer), Constants left out."""
+    src, dst = tmp_path / f"{name}.onnx", tmp_path / f"{name}_opt.onnx"
+    onnx.save(proto, str(src))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(dst)).graph.node if n.op_type != "Constant"]
+
+
+def test_the_fast_graph_has_at_most_15_nodes_a_layer_and_no_cache_copies(tmp_path):
+    two, four = (optimized_nodes(build_fast_graph(llama(n)), tmp_path, f"l{n}") for n in (2, 4))
+    per_layer = (len(four) - len(two)) / 2  # what is outside the layers cancels
+    assert per_layer <= MAX_NODES_PER_LAYER, (per_layer, four)
+    assert four.count("GroupQueryAttention") == 4
+    assert not {"Concat", "Expand", "Transpose", "Softmax"} & set(four)  # no cache copied, no attention spelled out
+
+
+def test_fast_logits_match_the_reference_graph_and_pytorch(tiny_llama, tmp_path):
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3))
+    info = export_medusa(tiny_llama, heads, tmp_path, topk=4)
+    assert info["files"]["base_fast"] == FAST_FILE and info["fast_graph"] == "written"
+    fast = load_runtime(tmp_path, capacity=128, max_nodes=16, graph="fast")
+    ref = load_runtime(tmp_path, capacity=128, max_nodes=16, graph="reference")
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    rng = np.random.default_rng(1)
+    for prompt in PROMPTS:
+        tokens = rng.integers(0, 97, tree.size)
+        for row in parity_report(tiny_llama, fast, prompt, tokens, tree):  # against HF and TreeStep
+            assert row["max_abs_diff"] <= LOGITS_ATOL, row
+        a = verify(fast, tokens, tree, len(prompt))[0].clone()  # the cache holds the prompt from parity_report
+        run_base(ref, np.asarray(prompt), np.arange(len(prompt)), causal_bias(0, len(prompt)), 0, into_buffers=False)
+        b = verify(ref, tokens, tree, len(prompt))[0]
+        assert float((a - b).abs().max()) <= LOGITS_ATOL
+        n = len(prompt)  # the tree's new keys land in rows n..n+N, rotated for positions n + depth, in both layouts
+        torch.testing.assert_close(fast.kv_rows(0, n, n + tree.size), ref.kv_rows(0, n, n + tree.size), atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sequential_export(tiny_llama, tmp_path_factory):
+    torch.manual_seed(4)
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, token_inputs="path", block_expansion=2,
+                                             head_vocab=60), vocab_ids=torch.randperm(97)[:60].sort().values)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("fast_seq")
+    export_medusa(tiny_llama, heads, out, topk=4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def medusa1_export(tiny_llama, tmp_path_factory):
+    torch.manual_seed(3)
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("fast_m1")
+    export_medusa(tiny_llama, heads, out, topk=4)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["medusa1", "sequential"])
+def test_greedy_medusa_equals_plain_greedy_on_the_fast_graph(tiny_llama, kind, medusa1_export, sequential_export):
+    folder = medusa1_export if kind == "medusa1" else sequential_export
+    rt = load_runtime(folder, capacity=256, max_nodes=16, graph="fast")
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    accepted = 0
+    for prompt in PROMPTS:
+        plain, stats = generate(rt, prompt, None, 40, eos_token_ids=[])
+        hf = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40)
+        assert plain == hf[0, len(prompt):].tolist() and stats.steps == 40
+        for kwargs in ({}, {"lookup": 3}, {"rule": DraftRule(3)}, {"lookup": 4, "rule": DraftRule(2), "lookup_rule": DraftRule(1)}):
+            medusa, stats = generate(rt, prompt, tree, 40, eos_token_ids=[], **kwargs)
+            assert medusa == plain, (kind, prompt, kwargs)
+            accepted += sum(stats.accept_lens)
+    assert accepted > 0  # acceptance and compaction in the head-major cache were exercised
+
+
+def test_the_fast_graph_serves_steps_from_bindings_made_once_per_width(medusa1_export):
+    rt = load_runtime(medusa1_export, capacity=256, max_nodes=16, graph="fast")
+    generate(rt, PROMPTS[1], build_tree(TREE, topk=4, num_heads=3), 30, eos_token_ids=[])
+    generate(rt, PROMPTS[1], None, 30, eos_token_ids=[])
+    assert set(rt.bindings) == {1, len(TREE) + 1}  # one binding per pass width, reused every step
+
+
+def test_without_a_usable_fast_graph_the_runtime_says_so_and_uses_the_reference(medusa1_export, tmp_path):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(medusa1_export, old)
+    info = json.loads((old / "export_info.json").read_text())
+    del info["files"]["base_fast"]  # an export made before the fast graph existed
+    (old / "export_info.json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="Fast base graph not used: .* has no fast graph.*reference graph"):
+        rt = load_runtime(old, capacity=64, max_nodes=16)
+    assert rt.graph == "reference"
+    with pytest.raises(RuntimeError, match="graph='fast' cannot run: .*has no fast graph"):
+        load_runtime(old, capacity=64, max_nodes=16, graph="fast")
+    with pytest.warns(UserWarning, match="capacity 600 exceeds the 512 positions"):
+        assert load_runtime(medusa1_export, capacity=600, max_nodes=16).graph == "reference"
+    (old / FAST_FILE).write_bytes(b"not a model")
+    info["files"]["base_fast"] = FAST_FILE
+    (old / "export_info.json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="cannot load .*base_fast.onnx"):
+        assert load_runtime(old, capacity=64, max_nodes=16).graph == "reference"
+    with pytest.raises(ValueError, match="graph must be one of"):
+        load_runtime(old, capacity=64, graph="fastest")
+
+
+def test_bases_the_fast_graph_cannot_express_are_exported_without_it(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=512)).eval()
+    assert "q/k norms" in fast_graph_problem(qwen3)
+    info = export_medusa(qwen3, None, tmp_path, topk=4)
+    assert info["files"]["base_fast"] is None and "q/k norms" in info["fast_graph"]
+    with pytest.warns(UserWarning, match="q/k norms"):
+        rt = load_runtime(tmp_path, capacity=64, max_nodes=4)
+    assert rt.graph == "reference"
+    with pytest.raises(NotImplementedError, match="No fast graph for this base"):
+        build_fast_graph(qwen3)
