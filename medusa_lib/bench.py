@@ -69,7 +69,7 @@ def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int, fro
         if not path.is_file():
             raise FileNotFoundError(f"Questions file {path} does not exist (expected Spec-Bench/MT-bench question.jsonl).")
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        for i, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n")):  # -sig: a byte-order mark is not text
             if not line.strip():
                 continue
             try:
@@ -77,7 +77,12 @@ def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int, fro
                 assert isinstance(row["turns"], list) and isinstance(row["turns"][0], str)
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, AssertionError):
                 raise ValueError(f"{path}, line {i + 1}: not a question record with a 'turns' list of strings.") from None
+            if not isinstance(row.get("category", "default"), str):
+                raise ValueError(f"{path}, line {i + 1}: 'category' must be a string (or absent), not {row['category']!r}.")
             rows.append({"question_id": row.get("question_id", i), "category": row.get("category", "default"), "turns": row["turns"]})
+    if not rows:
+        where = path if path is not None else f"{cfg.data_dir / 'prepared' / 'eval.jsonl'} (held-out ShareGPT)"
+        raise ValueError(f"{where} holds no questions: give a question.jsonl with at least one record, one per line.")
     by_cat = defaultdict(list)
     for row in (rows[::-1] if from_end else rows):
         by_cat[row["category"]].append(row)
@@ -185,9 +190,10 @@ def heads_seconds(rt, reps: int = 10, prefix: int = 200) -> float:
     tree = build_tree(chain_paths(1), rt.info["topk"], rt.info["num_heads"])
     hidden = rt.hidden_buf[0, 0]  # (C,) what the pass below leaves there
     ids, positions = np.zeros(1, dtype=np.int64), np.arange(prefix, prefix + 1)
+    bias = np.zeros((1, 1, 1, prefix + 1), dtype=rt.np_dtype)
     times = []
     for _ in range(reps + 1):  # the first call (the graph's first run) is not counted
-        run_base(rt, ids, positions, rt.bias(1, prefix).zero_(), prefix)
+        run_base(rt, ids, positions, bias, prefix)
         t = time.perf_counter()
         propose(rt, 0, hidden, tree)
         times.append(time.perf_counter() - t)
@@ -277,7 +283,8 @@ class Methods:
         num_heads = self.info["num_heads"]
         self.lookup = {}  # method -> decoding.generate's plan arguments (lookup, draft rules) beside its tree
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads)}
-        self.trees["medusa_tree"], self.lookup["medusa_tree"] = _tree_plan(tree_file, num_heads)
+        if tree_file is not None:  # only medusa_tree reads it
+            self.trees["medusa_tree"], self.lookup["medusa_tree"] = _tree_plan(tree_file, num_heads)
         hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
         if hydra_info is not None:
             self.trees["hydra_tree"], self.lookup["hydra_tree"] = _tree_plan(hydra_tree_file, hydra_info["num_heads"])
@@ -349,6 +356,16 @@ class Methods:
         raise ValueError(f"Unknown method {name!r}: choose from {ALL_METHODS}.")
 
 
+def agrees(ours: list[int], ours_stopped: str | None, reference: list[int], reference_stopped: str | None) -> bool:
+    """Whether a method's greedy output equals the reference's. A reply cut short because its next
+    pass no longer fit the KV cache (stopped "capacity") is compared over the tokens both produced:
+    a stop for room is not a different token."""
+    if "capacity" in (ours_stopped, reference_stopped):
+        n = min(len(ours), len(reference))
+        return ours[:n] == reference[:n]
+    return ours == reference
+
+
 def divergence(model, prompt: list[int], ours: list[int], reference: list[int]) -> dict:
     """Where two greedy outputs first differ, and the gap between the base's top two logits there
     (Hugging Face, fp32): a gap near zero means a near-tie that rounding can flip."""
@@ -375,6 +392,7 @@ def _aggregate(records: list[dict]) -> dict:
     return {"prompts": len(records), "new_tokens": tokens, "decode_tok_per_s": tokens / decode if decode else 0.0,
             "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": tau,
             "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None),
+            "capacity_stops": sum(r.get("stopped") == "capacity" for r in records),  # replies cut for KV room
             # per step of the decoding loop: inside the base graph's run (ORT) and everything else (heads, host)
             "base_ms_per_step": 1e3 * base / steps if steps else None,
             "host_ms_per_step": 1e3 * (decode - base) / steps if steps else None}
@@ -383,7 +401,7 @@ def _aggregate(records: list[dict]) -> dict:
 def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path, threads: int, max_new_tokens: int,
                    hydra_dir: Path | None = None, hydra_tree_file: Path | None = None, pld_file: Path | None = None) -> float:
     """Peak resident memory (MB) of a fresh process that loads only `method` and runs one prompt."""
-    args = [method, cfg_name, str(export_dir), str(tree_file), threads, max_new_tokens,
+    args = [method, cfg_name, str(export_dir), str(tree_file) if tree_file else None, threads, max_new_tokens,
             *(str(f) if f else None for f in (hydra_dir, hydra_tree_file, pld_file))]
     code = f"import json; from medusa_lib.bench import _memory_child; print(json.dumps(_memory_child(*{args!r})))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
@@ -395,7 +413,7 @@ def measure_memory(method: str, cfg_name: str, export_dir: Path, tree_file: Path
 
 def _memory_child(method, cfg_name, export_dir, tree_file, threads, max_new_tokens, hydra_dir, hydra_tree_file, pld_file) -> float:
     cfg = get_config(cfg_name)
-    m = Methods(cfg, [method], Path(export_dir), Path(tree_file), threads, *(Path(f) if f else None for f in
+    m = Methods(cfg, [method], Path(export_dir), Path(tree_file) if tree_file else None, threads, *(Path(f) if f else None for f in
                 (hydra_dir, hydra_tree_file, pld_file)))
     q = load_questions(None, cfg, 1)[0]
     m.run(method, prompt_ids(m.tokenizer, q), max_new_tokens)
@@ -493,8 +511,17 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
         methods.remove("llamacpp")
         notes.append("llamacpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python).")
+    unused = [flag for flag, given, users in (("--tree", tree_file, {"medusa_tree"}),
+                                              ("--hydra-tree", hydra_tree, {"hydra_tree", "hydra_pld"}),
+                                              ("--pld-plan", pld_plan, {"hydra_pld"}),
+                                              ("--hydra-heads", hydra_heads, {"hydra_tree", "hydra_pld"}))
+              if given and not users & set(methods)]
+    if unused:  # a setting no chosen method reads would be silently ignored
+        raise ValueError(f"{', '.join(unused)} given, but no method in {methods} uses it: add the method that reads it "
+                         f"(--tree: medusa_tree; --hydra-tree, --hydra-heads: hydra_tree or hydra_pld; --pld-plan: hydra_pld) "
+                         f"or leave the flag out.")
     export_dir = resolve_export_dir(cfg, heads)
-    tree_file = Path(tree_file) if tree_file else default_tree_file(cfg)
+    tree_file = (Path(tree_file) if tree_file else default_tree_file(cfg)) if "medusa_tree" in methods else None
     hydra_dir = hydra_tree_file = pld_file = None
     if {"hydra_tree", "hydra_pld"} & set(methods):
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
@@ -522,7 +549,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             per_method[name].append({"category": q["category"], "new_tokens": len(out), "decode_s": decode_s,
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
                                      "tokens": out, "steps": stats.steps if stats else None,
-                                     "base_s": stats.base_s if stats else None})
+                                     "base_s": stats.base_s if stats else None, "stopped": stats.stopped if stats else None})
             if name in ORT_METHODS and name not in PLAIN_METHODS and stats is not None:
                 for k, v in stats.split_s.items():
                     split[name][k] += v
@@ -530,8 +557,9 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                 split[name]["decode_total"] += stats.decode_s
             bar.update(1)
         for name in methods:
-            same = outputs[name] == outputs["ort"]
-            per_method[name][-1]["identical_to_ort"] = same
+            record_ = per_method[name][-1]
+            same = agrees(outputs[name], record_["stopped"], outputs["ort"], per_method["ort"][-1]["stopped"])
+            record_["identical_to_ort"] = same
             if not same:
                 divergences.append({"method": name, "question_id": q["question_id"],
                                     **divergence(runner.reference_model(), ids, outputs[name], outputs["ort"])})
@@ -551,16 +579,23 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
               "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
                            "questions": portable(questions) if questions else "held-out ShareGPT (eval split)",
                            "export_dir": portable(export_dir), "hydra_export_dir": portable(hydra_dir),
-                           "tree_file": portable(tree_file), "tree_nodes": runner.trees["medusa_tree"].size, "threads": threads,
+                           "tree_file": portable(tree_file), "tree_nodes": runner.trees["medusa_tree"].size if tree_file else None, "threads": threads,
                            "hydra_tree_file": portable(hydra_tree_file),
                            "hydra_tree_nodes": runner.trees["hydra_tree"].size if hydra_tree_file else None,
                            "hydra_pld_plan": portable(pld_file),
                            "plans": {name: {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
                                             for k, v in plan.items()} for name, plan in runner.lookup.items() if name in methods}}}
+    uses = {"ort": {"export": portable(export_dir), "graph": runner.rt.graph},
+            "ort_ref": {"export": portable(export_dir), "graph": "reference"},
+            "medusa_chain": {"export": portable(export_dir), "tree": f"chain of {runner.info['num_heads']}"},
+            "medusa_tree": {"export": portable(export_dir), "tree": portable(tree_file)},
+            "hydra_tree": {"export": portable(hydra_dir), "tree": portable(hydra_tree_file)},
+            "hydra_pld": {"export": portable(hydra_dir), "plan": portable(pld_file) or portable(hydra_tree_file)}}
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
-        agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / base_speed if base_speed else None)
+        agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / base_speed if base_speed else None,
+                   uses=uses.get(name))
         result["methods"][name] = agg
     for cat in sorted({r["category"] for r in per_method["ort"]}):
         result["categories"][cat] = {}
@@ -639,4 +674,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medusa_lib.cli import run_cli
+    run_cli(main)

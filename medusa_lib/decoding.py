@@ -1,6 +1,6 @@
 """Medusa decoding on ONNX Runtime with tree attention (paper sections 2.1-2.3).
 
-One step, with n tokens already in the KV cache (DESIGN_NOTES.md, "One decoding step"):
+One step, with n tokens already in the KV cache (docs/design.md, "One decoding step"):
   1 prefill   the prompt fills the cache (once)
   2 propose   root = the base's next token; candidates = each head's top-k; tree tokens
   3 verify    one base forward of the N tree tokens under the tree mask
@@ -361,7 +361,7 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     """2. Tree tokens (N,): the root, then each node's candidate from its head's top-k.
 
     Medusa-1 and root-aware heads: one call gives every head's top-k; a node takes rank p[-1] of
-    head len(p)-1 (the candidate vector of DESIGN_NOTES.md). Sequential heads: depth by depth, one
+    head len(p)-1 (the candidate vector of docs/design.md). Sequential heads: depth by depth, one
     call per depth batched over that depth's parents; a node takes rank p[-1] of its head given its
     own parent path."""
     if not tree.paths:  # no heads' nodes (a tree of the root and a prompt-lookup chain only)

@@ -34,7 +34,7 @@ import onnx
 import torch
 from torch import nn
 
-from medusa_lib.files import write_json
+from medusa_lib.files import folder_lock, write_json
 from medusa_lib.heads import MedusaHeads
 
 BASE_FILE = "base.onnx"
@@ -227,51 +227,52 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
 
     Everything is written into a sibling folder <out_dir>.partial first and swapped in at the end, so
     an interrupted re-export never leaves a folder whose graphs and export_info.json disagree."""
-    out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    dtype = torch.float16 if fp16 else torch.float32
-    t0 = time.time()
-    export_base(model, work, dtype)
-    fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
-    if fp16:
-        fast_note = "fp16 export: the fast graph is written in fp32 only"
-    else:
-        from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
-        fast_note = fast_graph_problem(model)
-        if fast_note is None:
-            fast_file = export_fast_base(model, work).name
-    head_files = []
-    if heads is not None:
-        lm_head = model.get_output_embeddings().weight.detach()
-        head_files = export_heads(heads.to(device=lm_head.device), lm_head, work, topk, dtype)
-        int8_heads = int8_heads and not fp16  # int8 is for CPU kernels; fp16 graphs are for the GPU
-        if int8_heads:
-            for path in head_files:
-                quantize_heads(path)
-        if heads.config.token_inputs != "none":
-            table = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, C)
-            np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
-    layers, Hkv, D = kv_shape(model)
-    config = heads.config if heads is not None else None
-    info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
-                      "base_fast_skipped": fast_note}, "fast_graph": fast_note or "written", "topk": topk,
-            "dtype": "float16" if fp16 else "float32", "num_layers": layers,
-            "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
-            "vocab_size": model.get_output_embeddings().weight.shape[0],
-            "num_heads": config.num_heads if config else 0,
-            "token_inputs": config.token_inputs if config else "none",
-            "head_vocab": config.head_vocab if config else 0,
-            "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
-            "seconds": round(time.time() - t0, 1)}
-    write_json(work / INFO_FILE, info)
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return info
+    with folder_lock(Path(out_dir).parent, f"ONNX export to {Path(out_dir).name}"):
+        out_dir = Path(out_dir)
+        work = out_dir.with_name(out_dir.name + ".partial")
+        shutil.rmtree(work, ignore_errors=True)
+        dtype = torch.float16 if fp16 else torch.float32
+        t0 = time.time()
+        export_base(model, work, dtype)
+        fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
+        if fp16:
+            fast_note = "fp16 export: the fast graph is written in fp32 only"
+        else:
+            from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
+            fast_note = fast_graph_problem(model)
+            if fast_note is None:
+                fast_file = export_fast_base(model, work).name
+        head_files = []
+        if heads is not None:
+            lm_head = model.get_output_embeddings().weight.detach()
+            head_files = export_heads(heads.to(device=lm_head.device), lm_head, work, topk, dtype)
+            int8_heads = int8_heads and not fp16  # int8 is for CPU kernels; fp16 graphs are for the GPU
+            if int8_heads:
+                for path in head_files:
+                    quantize_heads(path)
+            if heads.config.token_inputs != "none":
+                table = model.get_input_embeddings().weight.detach().float().cpu().numpy()  # (V, C)
+                np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
+        layers, Hkv, D = kv_shape(model)
+        config = heads.config if heads is not None else None
+        info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
+                          "base_fast_skipped": fast_note}, "fast_graph": fast_note or "written", "topk": topk,
+                "dtype": "float16" if fp16 else "float32", "num_layers": layers,
+                "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
+                "vocab_size": model.get_output_embeddings().weight.shape[0],
+                "num_heads": config.num_heads if config else 0,
+                "token_inputs": config.token_inputs if config else "none",
+                "head_vocab": config.head_vocab if config else 0,
+                "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
+                "seconds": round(time.time() - t0, 1)}
+        write_json(work / INFO_FILE, info)
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(work, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return info
 
 
 def export_fp16(cfg) -> bool:

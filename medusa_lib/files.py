@@ -5,6 +5,12 @@ piece to a temporary name in the same folder and renames it into place, so an in
 leaves a half-written file that a later run would trust.
 
     with atomic_path(out / "shard_00003.safetensors") as tmp: save_file(tensors, tmp)
+
+And one writer at a time in a folder: a second process that starts writing the same folder (a
+notebook beside `make run` on the same preset) is refused, naming the holder, instead of replacing
+files the first one is still appending to.
+
+    with folder_lock(data_dir / "prepared", "self-distillation"): ...
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -55,3 +64,65 @@ def fingerprint(*parts) -> str:
     """A short stable hash of JSON-able parts (used to tie caches to the data and model)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+LOCK_FILE = ".writer.lock"
+_held: dict[Path, int] = {}  # folders this process holds, and how deep (a writer that calls another writer)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold `folder` for writing while the block runs. A lock of a live process is refused with its
+    pid, command and start time; one left by a process that has died (same host) is taken over."""
+    folder = Path(folder).resolve()
+    if folder in _held:  # this process already holds it
+        _held[folder] += 1
+        try:
+            yield
+        finally:
+            _held[folder] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "command": " ".join(sys.argv)[:200], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), holder.get("host")
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = None, None, None  # unreadable: a lock whose writer died mid-write
+            if holder is not None and (host != me["host"] or _alive(pid)):
+                raise RuntimeError(
+                    f"{folder} is being written by another process: pid {pid} on {host}, {holder.get('what')} "
+                    f"({holder.get('command')}), since {holder.get('since')}. Wait for it to finish or stop it, then run "
+                    f"this again; if that process no longer exists, delete {path}.")
+            with contextlib.suppress(FileNotFoundError):  # its writer is gone: take the folder over
+                os.unlink(path)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        break
+    else:
+        raise RuntimeError(f"Could not take {path}: another process keeps taking it. Run this again.")
+    _held[folder] = 1
+    try:
+        yield
+    finally:
+        del _held[folder]
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                os.unlink(path)

@@ -54,4 +54,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medusa_lib.cli import run_cli
+    run_cli(main)

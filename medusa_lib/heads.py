@@ -1,5 +1,5 @@
 """Medusa heads (paper section 2.1.1): K extra heads on the base model's last hidden state, and the
-workbook's extension: heads that also see tokens (DESIGN_NOTES.md, "Heads that see tokens").
+workbook's extension: heads that also see tokens (docs/design.md, "Heads that see tokens").
 
 Head k (0-based) at position t predicts the token at t+2+k (the base's lm_head predicts t+1).
 Medusa-1 (`token_inputs="none"`): num_layers residual blocks x + SiLU(W x + b), W and b zero-initialised so

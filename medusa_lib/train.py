@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from medusa_lib.config import PRESETS, RUN_FIELDS, WorkbookConfig, get_config, hydra_config
-from medusa_lib.files import atomic_path, fingerprint, read_json, write_json
+from medusa_lib.files import atomic_path, fingerprint, folder_lock, read_json, write_json
 from medusa_lib.heads import HeadsConfig, MedusaHeads, save_heads
 
 IGNORE = -100  # no label here
@@ -79,50 +79,51 @@ def build_hidden_cache(model, examples: list[dict], cache_root: str | Path, batc
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         return folder
-    device = next(model.parameters()).device
-    shards = [examples[i: i + shard_sequences] for i in range(0, len(examples), shard_sequences)]
-    total = sum(len(e["input_ids"]) for e in examples)
-    bar = tqdm(total=total, desc=desc, unit="tok")
-    for s, shard in enumerate(shards):
-        path = folder / f"shard_{s:05d}.safetensors"
-        if path.is_file():
-            bar.update(sum(len(e["input_ids"]) for e in shard))
-            continue
-        parts = {"hidden": [], "base_next": [], "top_ids": [], "top_logits": [], "tokens": [], "loss_mask": [], "seq": []}
-        order = sorted(range(len(shard)), key=lambda i: len(shard[i]["input_ids"]))
-        i = 0
-        while i < len(order):  # batches of similar length, at most batch_tokens padded tokens
-            j = i + 1
-            while j < len(order) and (j - i + 1) * len(shard[order[j]]["input_ids"]) <= batch_tokens:
-                j += 1
-            batch = [shard[k] for k in order[i:j]]
-            T = max(len(e["input_ids"]) for e in batch)
-            ids = torch.zeros(len(batch), T, dtype=torch.long)
-            att = torch.zeros(len(batch), T, dtype=torch.long)
-            for b, e in enumerate(batch):
-                ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-                att[b, : len(e["input_ids"])] = 1
-            with torch.no_grad():
-                out = model.model(input_ids=ids.to(device), attention_mask=att.to(device))
-                hidden = out.last_hidden_state  # (B, T, C), final norm applied
-                top = model.lm_head(hidden).float().topk(TEACHER_TOPK, dim=-1)  # (B, T, R)
-            for b, (k, e) in enumerate(zip(order[i:j], batch)):
-                n = len(e["input_ids"])
-                parts["hidden"].append(hidden[b, :n].to(torch.float16).cpu())  # (n, C)
-                parts["base_next"].append(top.indices[b, :n, 0].to(torch.int32).cpu())  # (n,) the argmax
-                parts["top_ids"].append(top.indices[b, :n].to(torch.int32).cpu())  # (n, R)
-                parts["top_logits"].append(top.values[b, :n].to(torch.float16).cpu())  # (n, R)
-                parts["tokens"].append(torch.tensor(e["input_ids"], dtype=torch.int32))
-                parts["loss_mask"].append(torch.tensor(e["loss_mask"], dtype=torch.uint8))
-                parts["seq"].append(torch.full((n,), s * shard_sequences + k, dtype=torch.int32))
-            bar.update(int(att.sum()))
-            i = j
-        tensors = {name: torch.cat(v) for name, v in parts.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
-    bar.close()
-    write_json(manifest_path, {"shards": len(shards), "sequences": len(examples), "tokens": total})
-    return folder
+    with folder_lock(folder, desc):
+        device = next(model.parameters()).device
+        shards = [examples[i: i + shard_sequences] for i in range(0, len(examples), shard_sequences)]
+        total = sum(len(e["input_ids"]) for e in examples)
+        bar = tqdm(total=total, desc=desc, unit="tok")
+        for s, shard in enumerate(shards):
+            path = folder / f"shard_{s:05d}.safetensors"
+            if path.is_file():
+                bar.update(sum(len(e["input_ids"]) for e in shard))
+                continue
+            parts = {"hidden": [], "base_next": [], "top_ids": [], "top_logits": [], "tokens": [], "loss_mask": [], "seq": []}
+            order = sorted(range(len(shard)), key=lambda i: len(shard[i]["input_ids"]))
+            i = 0
+            while i < len(order):  # batches of similar length, at most batch_tokens padded tokens
+                j = i + 1
+                while j < len(order) and (j - i + 1) * len(shard[order[j]]["input_ids"]) <= batch_tokens:
+                    j += 1
+                batch = [shard[k] for k in order[i:j]]
+                T = max(len(e["input_ids"]) for e in batch)
+                ids = torch.zeros(len(batch), T, dtype=torch.long)
+                att = torch.zeros(len(batch), T, dtype=torch.long)
+                for b, e in enumerate(batch):
+                    ids[b, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+                    att[b, : len(e["input_ids"])] = 1
+                with torch.no_grad():
+                    out = model.model(input_ids=ids.to(device), attention_mask=att.to(device))
+                    hidden = out.last_hidden_state  # (B, T, C), final norm applied
+                    top = model.lm_head(hidden).float().topk(TEACHER_TOPK, dim=-1)  # (B, T, R)
+                for b, (k, e) in enumerate(zip(order[i:j], batch)):
+                    n = len(e["input_ids"])
+                    parts["hidden"].append(hidden[b, :n].to(torch.float16).cpu())  # (n, C)
+                    parts["base_next"].append(top.indices[b, :n, 0].to(torch.int32).cpu())  # (n,) the argmax
+                    parts["top_ids"].append(top.indices[b, :n].to(torch.int32).cpu())  # (n, R)
+                    parts["top_logits"].append(top.values[b, :n].to(torch.float16).cpu())  # (n, R)
+                    parts["tokens"].append(torch.tensor(e["input_ids"], dtype=torch.int32))
+                    parts["loss_mask"].append(torch.tensor(e["loss_mask"], dtype=torch.uint8))
+                    parts["seq"].append(torch.full((n,), s * shard_sequences + k, dtype=torch.int32))
+                bar.update(int(att.sum()))
+                i = j
+            tensors = {name: torch.cat(v) for name, v in parts.items()}
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp))
+        bar.close()
+        write_json(manifest_path, {"shards": len(shards), "sequences": len(examples), "tokens": total})
+        return folder
 
 
 def load_hidden_cache(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -426,82 +427,83 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
     Returns {"heads": MedusaHeads, "log": [rows], "seconds": this call's seconds, "resumed_from": int,
     "train_seconds": the run's training seconds over all its calls as of its last checkpoint (None when an
     old checkpoint did not record them)}."""
-    out_dir = Path(out_dir)
-    use_cuda = torch.cuda.is_available() and lm_head.is_cuda
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
-    K = heads_config.num_heads
-    run_key = fingerprint(dataclasses.asdict(heads_config), cfg.lr, cfg.train_steps, cfg.batch_positions,
-                          cfg.loss_decay, cfg.label_source, cfg.head_target, cfg.seed, cfg.warmup_steps,
-                          accelerator.mixed_precision)
-    if heads_config.token_inputs != "none" and embed is None:
-        raise ValueError(f"token_inputs={heads_config.token_inputs!r} needs the base's input embedding table (embed).")
+    with folder_lock(Path(out_dir), "head training"):
+        out_dir = Path(out_dir)
+        use_cuda = torch.cuda.is_available() and lm_head.is_cuda
+        accelerator = Accelerator(cpu=not use_cuda, mixed_precision=training_precision(cfg.train_precision, use_cuda))
+        K = heads_config.num_heads
+        run_key = fingerprint(dataclasses.asdict(heads_config), cfg.lr, cfg.train_steps, cfg.batch_positions,
+                              cfg.loss_decay, cfg.label_source, cfg.head_target, cfg.seed, cfg.warmup_steps,
+                              accelerator.mixed_precision)
+        if heads_config.token_inputs != "none" and embed is None:
+            raise ValueError(f"token_inputs={heads_config.token_inputs!r} needs the base's input embedding table (embed).")
 
-    # 3a. the heads, the optimiser and what the run had done so far
-    vocab_ids = frequent_vocab(train_cache, heads_config.head_vocab) if heads_config.head_vocab else None
-    torch.manual_seed(cfg.seed)
-    heads = MedusaHeads(heads_config, base_lm_head=lm_head.float().cpu(), vocab_ids=vocab_ids)
-    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
-    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    start, rows, seconds_before = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler,
-                                           generator)
-    heads, optimizer = accelerator.prepare(heads, optimizer)
-    lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
-    train_lm_head = lm_head.to(torch.bfloat16) if accelerator.mixed_precision == "bf16" else lm_head  # cast once
-    embed = embed.to(accelerator.device) if embed is not None else None
+        # 3a. the heads, the optimiser and what the run had done so far
+        vocab_ids = frequent_vocab(train_cache, heads_config.head_vocab) if heads_config.head_vocab else None
+        torch.manual_seed(cfg.seed)
+        heads = MedusaHeads(heads_config, base_lm_head=lm_head.float().cpu(), vocab_ids=vocab_ids)
+        optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
+        generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+        start, rows, seconds_before = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler,
+                                               generator)
+        heads, optimizer = accelerator.prepare(heads, optimizer)
+        lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
+        train_lm_head = lm_head.to(torch.bfloat16) if accelerator.mixed_precision == "bf16" else lm_head  # cast once
+        embed = embed.to(accelerator.device) if embed is not None else None
 
-    # 3b. the data: every labelled training position, a fixed sample of eval positions
-    train = make_targets(train_cache, K, cfg.label_source, vocab_ids)
-    evals = make_targets(eval_cache, K, "greedy", vocab_ids)  # what acceptance checks
-    if len(train.rows) == 0 or len(evals.rows) == 0:
-        raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
-    evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
-    run = Run(cfg, out_dir, run_key, accelerator, heads, optimizer, scheduler, lm_head, embed, evals,
-              eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before)
+        # 3b. the data: every labelled training position, a fixed sample of eval positions
+        train = make_targets(train_cache, K, cfg.label_source, vocab_ids)
+        evals = make_targets(eval_cache, K, "greedy", vocab_ids)  # what acceptance checks
+        if len(train.rows) == 0 or len(evals.rows) == 0:
+            raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
+        evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
+        run = Run(cfg, out_dir, run_key, accelerator, heads, optimizer, scheduler, lm_head, embed, evals,
+                  eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before)
 
-    # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
-    running, n_running = torch.zeros(K), 0
-    if start == 0:
-        run.evaluate(0, torch.full((K,), float("nan")))
-        if on_eval is not None and accelerator.is_main_process:
-            on_eval(rows)
-    heads.train()
-    bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="training heads",
-               disable=not (progress and accelerator.is_main_process))
-    done = start  # optimisation steps completed
-    try:
-        for step in bar:
-            idx = torch.randint(len(train.rows), (cfg.batch_positions,), generator=generator)  # (B,)
-            batch = train.take(idx)
-            h = train_cache["hidden"][batch.rows].to(device=accelerator.device, dtype=lm_head.dtype)  # (B, C)
-            embeds = embed[batch.path.to(accelerator.device)] if embed is not None else None  # (B, K, C)
-            soft = ((batch.soft_ids.to(accelerator.device), batch.soft_logits.to(accelerator.device))
-                    if cfg.head_target == "soft" else None)
-            with accelerator.autocast():
-                logits = heads(h, train_lm_head, embeds)  # (B, K, M)
-                loss, per_head = medusa_loss(logits, batch.labels.to(accelerator.device), cfg.loss_decay, soft)
-            accelerator.backward(loss)
-            optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
-            done, run.sampler_state = step + 1, generator.get_state()
-            running += per_head.detach().float().cpu(); n_running += 1
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
-                run.evaluate(step + 1, running / max(1, n_running))
-                running.zero_(); n_running = 0
-                run.checkpoint(step + 1)
-                if on_eval is not None and accelerator.is_main_process:
-                    on_eval(rows)
-    except KeyboardInterrupt:
-        run.checkpoint(done)  # keep what is done; calling again resumes here
-        raise
-    finally:
-        bar.close()
-    if start >= cfg.train_steps:
-        _write_log(out_dir / "log.csv", rows)
-    train_seconds = seconds_before if start >= cfg.train_steps else run.saved_seconds
-    # without the mixed-precision wrapper: the heads returned compute what the heads saved compute
-    return {"heads": accelerator.unwrap_model(heads, keep_fp32_wrapper=False).eval(), "log": rows, "seconds": time.time() - run.started, "resumed_from": start,
-            "train_seconds": train_seconds}
+        # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
+        running, n_running = torch.zeros(K), 0
+        if start == 0:
+            run.evaluate(0, torch.full((K,), float("nan")))
+            if on_eval is not None and accelerator.is_main_process:
+                on_eval(rows)
+        heads.train()
+        bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="training heads",
+                   disable=not (progress and accelerator.is_main_process))
+        done = start  # optimisation steps completed
+        try:
+            for step in bar:
+                idx = torch.randint(len(train.rows), (cfg.batch_positions,), generator=generator)  # (B,)
+                batch = train.take(idx)
+                h = train_cache["hidden"][batch.rows].to(device=accelerator.device, dtype=lm_head.dtype)  # (B, C)
+                embeds = embed[batch.path.to(accelerator.device)] if embed is not None else None  # (B, K, C)
+                soft = ((batch.soft_ids.to(accelerator.device), batch.soft_logits.to(accelerator.device))
+                        if cfg.head_target == "soft" else None)
+                with accelerator.autocast():
+                    logits = heads(h, train_lm_head, embeds)  # (B, K, M)
+                    loss, per_head = medusa_loss(logits, batch.labels.to(accelerator.device), cfg.loss_decay, soft)
+                accelerator.backward(loss)
+                optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)
+                done, run.sampler_state = step + 1, generator.get_state()
+                running += per_head.detach().float().cpu(); n_running += 1
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
+                    run.evaluate(step + 1, running / max(1, n_running))
+                    running.zero_(); n_running = 0
+                    run.checkpoint(step + 1)
+                    if on_eval is not None and accelerator.is_main_process:
+                        on_eval(rows)
+        except KeyboardInterrupt:
+            run.checkpoint(done)  # keep what is done; calling again resumes here
+            raise
+        finally:
+            bar.close()
+        if start >= cfg.train_steps:
+            _write_log(out_dir / "log.csv", rows)
+        train_seconds = seconds_before if start >= cfg.train_steps else run.saved_seconds
+        # without the mixed-precision wrapper: the heads returned compute what the heads saved compute
+        return {"heads": accelerator.unwrap_model(heads, keep_fp32_wrapper=False).eval(), "log": rows, "seconds": time.time() - run.started, "resumed_from": start,
+                "train_seconds": train_seconds}
 
 
 def training_time(result: dict) -> str:
@@ -635,4 +637,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from medusa_lib.cli import run_cli
+    run_cli(main)

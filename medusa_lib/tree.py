@@ -1,7 +1,7 @@
 """Sparse candidate trees ("medusa choices") and the buffers tree attention needs (paper 2.1.2).
 
 A tree is plain data: a list of rank paths, (0,) = head 0's top-1, (1,) its top-2, (0, 2) = head 0's
-top-1 then head 1's top-3. `build_tree` turns it once into numpy buffers (see DESIGN_NOTES.md):
+top-1 then head 1's top-3. `build_tree` turns it once into numpy buffers (see docs/design.md):
 node 0 is the root (the base's own next token), node j >= 1 is path j-1 after sorting by
 (length, lexicographic).
 

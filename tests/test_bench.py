@@ -216,3 +216,31 @@ def test_committed_results_hold_no_absolute_paths():
     for path in (repo_root() / "static").rglob("*.json"):
         found = re.findall(r'"(/(?:root|tmp|home|work|Users|mnt)/[^"]*)"', path.read_text())
         assert not found, (path.name, found[:3])
+
+
+def test_question_files_that_would_mislead_are_refused_or_read_right(tmp_path):
+    cfg = get_config("tiny")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"question_id": 1, "category": "math", "turns": ["q"]}).encode() + b"\n")
+    assert load_questions(bom, cfg, 5)[0]["question_id"] == 1  # the byte-order mark is not part of the first line
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.jsonl holds no questions"):  # was: a results file of 0 prompts, 0 tok/s
+        load_questions(empty, cfg, 5)
+    for category in ("null", "[\"a\"]"):
+        bad = tmp_path / "cat.jsonl"
+        bad.write_text(f'{{"question_id": 1, "category": {category}, "turns": ["q"]}}\n')
+        with pytest.raises(ValueError, match="cat.jsonl, line 1: 'category' must be a string"):
+            load_questions(bad, cfg, 5)
+
+
+def test_a_capacity_stop_is_not_a_divergence_and_flags_no_method_reads_are_refused():
+    from medusa_lib.bench import agrees, run_benchmark
+    assert agrees([1, 2, 3], "capacity", [1, 2, 3, 4, 5], "max_new_tokens")  # cut for room: same tokens so far
+    assert not agrees([1, 2, 9], "capacity", [1, 2, 3, 4, 5], "max_new_tokens")
+    assert not agrees([1, 2, 3], "eos", [1, 2, 3, 4], "max_new_tokens")  # a real difference stays one
+    cfg = get_config("tiny")
+    for kwargs, flag in ((dict(tree_file="t.json"), "--tree"), (dict(pld_plan="p.json"), "--pld-plan"),
+                         (dict(hydra_tree="h.json"), "--hydra-tree")):
+        with pytest.raises(ValueError, match=f"{flag} given, but no method in \\['ort'\\] uses it"):
+            run_benchmark(cfg, methods=["ort"], progress=False, **kwargs)

@@ -1,4 +1,4 @@
-"""Tree buffers: the hand-worked example of DESIGN_NOTES.md, a property test, validation, sizing."""
+"""Tree buffers: the hand-worked example of docs/design.md, a property test, validation, sizing."""
 
 import random
 
