@@ -122,10 +122,16 @@ def _session_options(threads: int = 0, spin: bool = False) -> ort.SessionOptions
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    # ORT's workers otherwise spin after each run and starve the loop's own small steps (accept,
-    # compact) of the few CPU cores: measured on 2 cores, a Medusa step went from ~215 to ~120 ms.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return options
+
+
+# Threads on the CPU (docs/engine.md). The base's workers spin between passes, so a pass starts at
+# once; the heads run on the caller's thread alone, so no pool of theirs fights the base's spinning
+# workers for the cores. Measured on 2 cores (Intel Xeon, fast graph, 8 outside prompts): plain
+# 39 -> 48 tok/s, hydra_pld 55 -> 62 tok/s; spinning with the heads on their own 2-thread pools
+# instead halved hydra_pld (27 tok/s), which is why spinning was off before.
+HEADS_THREADS = 1
 
 
 def _session(path: Path, options, providers) -> ort.InferenceSession:
@@ -172,7 +178,7 @@ def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, optio
 
 
 def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
-                 max_nodes: int = 128, with_heads: bool = True, spin: bool = False, graph: str = "auto") -> OrtRuntime:
+                 max_nodes: int = 128, with_heads: bool = True, spin: bool = True, graph: str = "auto") -> OrtRuntime:
     """Sessions, KV cache and buffers for decoding an export. `graph`: "auto" (the fast graph where it
     can run, else the reference graph with a warning saying why), "fast" (or an error) or "reference"."""
     export_dir = Path(export_dir)
@@ -197,7 +203,8 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
         providers = ["CPUExecutionProvider"]
     heads, embed = [], None
     if with_heads:
-        heads = [_session(export_dir / name, options, providers) for name in info["files"].get("heads", [])]
+        heads_options = _session_options(HEADS_THREADS, False)
+        heads = [_session(export_dir / name, heads_options, providers) for name in info["files"].get("heads", [])]
         if heads and info.get("token_inputs", "none") != "none":
             embed = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, C), read only where a step looks
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
@@ -225,7 +232,7 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
     for key in ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "dtype"):
         if info[key] != rt.info[key]:
             raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
-    options, providers = _session_options(), rt.base.get_providers()
+    options, providers = _session_options(HEADS_THREADS, False), rt.base.get_providers()
     heads = [_session(Path(export_dir) / name, options, providers) for name in info["files"].get("heads", [])]
     embed = np.load(Path(export_dir) / EMBED_FILE, mmap_mode="r") if info.get("token_inputs", "none") != "none" else None
     return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (

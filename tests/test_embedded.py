@@ -51,6 +51,7 @@ def test_medusa_on_ort_is_lossless_on_the_embedded_model(smol, tmp_path):
     export_medusa(model, heads, tmp_path, topk=5)
     tree = build_tree([(0,), (1,), (0, 0), (0, 1), (0, 0, 0)], topk=5, num_heads=3)
     rt = load_runtime(tmp_path, capacity=512, max_nodes=tree.size)
+    assert rt.graph == "fast"  # the default graph; its tree step is checked against TreeStep by parity_report below
     for question in ["List three fruits.", "What is the boiling point of water?"]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
