@@ -293,6 +293,7 @@ class Methods:
             if pld_file is not None:
                 self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
         max_nodes = max(plan_size(t, **self.lookup.get(name, {})) for name, t in self.trees.items())
+        self.max_nodes = max_nodes  # the widest pass any method may make
         self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
                                with_heads=any(m.startswith("medusa") for m in self.methods), graph=cfg.base_graph)
         self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
@@ -541,6 +542,11 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     bar = tqdm(total=len(qs) * len(methods), desc="benchmark", disable=not progress)
     for i, q in enumerate(qs):
         ids = prompt_ids(runner.tokenizer, q)
+        if len(ids) + runner.max_nodes > cfg.kv_capacity:  # refused before any method runs; the other prompts go on
+            notes.append(f"question {q['question_id']} skipped: its {len(ids)}-token prompt and a {runner.max_nodes}-token "
+                         f"pass do not fit kv_capacity={cfg.kv_capacity}; raise kv_capacity to include it.")
+            bar.update(len(methods))
+            continue
         order = methods[i % len(methods):] + methods[: i % len(methods)]  # alternate who goes first
         outputs = {}
         for name in order:
@@ -576,7 +582,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                           "gpu": runner.torch.cuda.get_device_name(0) if runner.rt.device.type == "cuda" else None,
                           "graph_dtype": runner.info["dtype"], "base_graph": runner.rt.graph,
                           "nodes_per_layer": graph_nodes_per_layer(export_dir, runner.info["num_layers"])},
-              "settings": {"preset": cfg.name, "prompts": len(qs), "max_new_tokens": max_new_tokens,
+              "settings": {"preset": cfg.name, "prompts": len(per_method["ort"]), "prompts_skipped": len(qs) - len(per_method["ort"]), "max_new_tokens": max_new_tokens,
                            "questions": portable(questions) if questions else "held-out ShareGPT (eval split)",
                            "export_dir": portable(export_dir), "hydra_export_dir": portable(hydra_dir),
                            "tree_file": portable(tree_file), "tree_nodes": runner.trees["medusa_tree"].size if tree_file else None, "threads": threads,
@@ -591,6 +597,8 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             "medusa_tree": {"export": portable(export_dir), "tree": portable(tree_file)},
             "hydra_tree": {"export": portable(hydra_dir), "tree": portable(hydra_tree_file)},
             "hydra_pld": {"export": portable(hydra_dir), "plan": portable(pld_file) or portable(hydra_tree_file)}}
+    if not per_method["ort"]:
+        raise ValueError(f"No prompt fits kv_capacity={cfg.kv_capacity}: " + " ".join(notes))
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-EXPECTED = (FileNotFoundError, ValueError, RuntimeError, NotImplementedError, IsADirectoryError, PermissionError)
+EXPECTED = (FileNotFoundError, ValueError, RuntimeError, NotImplementedError, IsADirectoryError, NotADirectoryError,
+            PermissionError)
 
 
 def run_cli(main, argv=None) -> None:

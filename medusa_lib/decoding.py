@@ -204,9 +204,9 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     heads, embed = [], None
     if with_heads:
         heads_options = _session_options(HEADS_THREADS, False)
-        heads = [_session(export_dir / name, heads_options, providers) for name in info["files"].get("heads", [])]
+        heads = [_session(export_dir / name, heads_options, providers) for name in _head_files(export_dir, info)]
         if heads and info.get("token_inputs", "none") != "none":
-            embed = np.load(export_dir / EMBED_FILE, mmap_mode="r")  # (V, C), read only where a step looks
+            embed = _embeddings(export_dir, info)
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
     dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
     layers, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
@@ -225,6 +225,36 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     )
 
 
+def _head_files(export_dir: Path, info: dict) -> list[str]:
+    """The heads graphs an export lists, checked against its heads: one graph for all of them, or one
+    per head for sequential heads."""
+    files = info["files"].get("heads", [])
+    want = info.get("num_heads", 0) if info.get("token_inputs") == "path" else min(1, info.get("num_heads", 0))
+    if len(files) != want:
+        raise ValueError(f"{export_dir / 'export_info.json'} lists {len(files)} heads graph(s) for {info.get('num_heads')} "
+                         f"heads ({'one per head' if info.get('token_inputs') == 'path' else 'one for all'} expected): "
+                         f"the export is incomplete or edited; re-export (notebook 04).")
+    return files
+
+
+def _embeddings(export_dir: Path, info: dict) -> np.ndarray:
+    """token_embeddings.npy, the base's (V, C) input table for heads that see tokens, read lazily
+    (memory-mapped) after checking that it is whole and of the base's shape."""
+    path = export_dir / EMBED_FILE
+    try:
+        table = np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: these heads read the base's token embeddings from it; "
+                                f"re-export (notebook 04).") from None
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} cannot be read ({str(err)[:120]}): it is damaged or truncated; re-export (notebook 04).") from None
+    want = (info["vocab_size"], info["hidden_size"])
+    if table.shape != want or table.dtype not in (np.float32, np.float16):
+        raise ValueError(f"{path} holds a {table.dtype} table of shape {table.shape}, not float ({want[0]}, {want[1]}) "
+                         f"as the export's base has: it belongs to another export; re-export (notebook 04).")
+    return table
+
+
 def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
     """The same base session and KV cache with the heads of another export of the same base (so two
     kinds of heads can be raced without loading the base twice)."""
@@ -233,8 +263,8 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
         if info[key] != rt.info[key]:
             raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
     options, providers = _session_options(HEADS_THREADS, False), rt.base.get_providers()
-    heads = [_session(Path(export_dir) / name, options, providers) for name in info["files"].get("heads", [])]
-    embed = np.load(Path(export_dir) / EMBED_FILE, mmap_mode="r") if info.get("token_inputs", "none") != "none" else None
+    heads = [_session(Path(export_dir) / name, options, providers) for name in _head_files(Path(export_dir), info)]
+    embed = _embeddings(Path(export_dir), info) if info.get("token_inputs", "none") != "none" else None
     return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (
         "files", "topk", "num_heads", "token_inputs", "head_vocab", "int8_heads") if k in info}})
 

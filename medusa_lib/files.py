@@ -85,6 +85,8 @@ def folder_lock(folder: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold `folder` for writing while the block runs. A lock of a live process is refused with its
     pid, command and start time; one left by a process that has died (same host) is taken over."""
     folder = Path(folder).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder: choose another output folder (nothing was written).")
     if folder in _held:  # this process already holds it
         _held[folder] += 1
         try:

@@ -283,11 +283,20 @@ def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:
         raise ValueError(f"{path}: {err}") from None
 
 
+def _whole(value, path, name: str, low: int) -> int:
+    """A count read from a plan file, used exactly as written: a whole number >= low, or an error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{path}: {name} must be a whole number >= {low}, not {value!r}.")
+    return value
+
+
 def _rule(raw, path, where: str) -> DraftRule:
-    try:
-        return DraftRule(int(raw["budget"]), float(raw.get("min_prob", 0.0)))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {where} needs 'budget' (and may have 'min_prob'): {err}") from None
+    if not isinstance(raw, dict) or "budget" not in raw:
+        raise ValueError(f"{path}: {where} needs 'budget' (and may have 'min_prob'): an object, not {raw!r}.")
+    min_prob = raw.get("min_prob", 0.0)
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
+        raise ValueError(f"{path}: {where}'s min_prob must be a number in [0, 1], not {min_prob!r}.")
+    return DraftRule(_whole(raw["budget"], path, f"{where}'s budget", 0), float(min_prob))
 
 
 def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
@@ -297,16 +306,22 @@ def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
     or rule on its steps). replay.choose_plan writes them; ({}: the tree alone)."""
     tree = load_tree(path, num_heads)
     raw = read_json(path)
-    kwargs = {"rule": _rule(raw["rule"], path, "'rule'")} if raw.get("rule") else {}
+    kwargs = {"rule": _rule(raw["rule"], path, "'rule'")} if "rule" in raw and raw["rule"] is not None else {}
     section = raw.get("lookup")
-    if not section:
+    if section is None:
         return tree, kwargs
-    try:
-        kwargs.update({"lookup": int(section["tokens"]), "lookup_min_ngram": int(section.get("min_ngram", 1))})
-        if section.get("paths") is not None:
+    if not isinstance(section, dict) or "tokens" not in section:  # an empty or falsy section is an error, not "no lookup"
+        raise ValueError(f"{path}: the 'lookup' section needs 'tokens' (and may have 'min_ngram', 'paths' and 'rule'): "
+                         f"an object, not {section!r}; leave the section out for no prompt lookup.")
+    kwargs.update({"lookup": _whole(section["tokens"], path, "the lookup's tokens", 1),
+                   "lookup_min_ngram": _whole(section.get("min_ngram", 1), path, "the lookup's min_ngram", 1)})
+    if section.get("paths") is not None:
+        if not isinstance(section["paths"], list) or not all(isinstance(p, list) for p in section["paths"]):
+            raise ValueError(f"{path}: the lookup's paths must be a list of rank lists, not {section['paths']!r}.")
+        try:
             kwargs["lookup_tree"] = build_tree([tuple(p) for p in section["paths"]], tree.topk, num_heads)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: the 'lookup' section needs 'tokens' (and may have 'min_ngram' and 'paths'): {err}") from None
-    if section.get("rule"):
+        except ValueError as err:
+            raise ValueError(f"{path}: the lookup's paths: {err}") from None
+    if "rule" in section and section["rule"] is not None:
         kwargs["lookup_rule"] = _rule(section["rule"], path, "the 'lookup' section's 'rule'")
     return tree, kwargs

@@ -396,3 +396,40 @@ def test_replay_takes_the_steps_the_decoder_takes(rt):
             steps += stats.steps
         assert abs(sim["steps"] - steps) <= 1, (rule, kw, sim["steps"], steps)
     assert min(simulate(replays, p, {1: 1.0}, 0.0, False, **{k: v for k, v in kw.items()})["steps"] for p, kw in plans) < 4 * 30
+
+
+def test_damaged_token_embeddings_and_missing_head_graphs_say_re_export(token_export, tmp_path):
+    import json
+    import shutil
+    heads, folder = token_export
+    copy = tmp_path / "onnx"
+    shutil.copytree(folder, copy)
+    table = copy / "token_embeddings.npy"
+    good = table.read_bytes()
+    cases = [(lambda: table.unlink(), FileNotFoundError, "token_embeddings.npy is missing.*re-export"),
+             (lambda: table.write_bytes(good[: len(good) // 2]), ValueError, "cannot be read .*damaged or truncated; re-export"),
+             (lambda: np.save(table, np.zeros((10, 64), np.float32)), ValueError, r"shape \(10, 64\), not float \(97, 64\).*re-export"),
+             (lambda: np.save(table, np.zeros((97, 32), np.float32)), ValueError, r"shape \(97, 32\)"),
+             (lambda: np.save(table, np.zeros((97, 64), np.int32)), ValueError, "holds a int32 table")]
+    for damage, error, message in cases:
+        table.write_bytes(good)
+        damage()
+        with pytest.raises(error, match=message):
+            load_runtime(copy, capacity=64, max_nodes=16)
+    table.write_bytes(good)
+    info = json.loads((copy / "export_info.json").read_text())
+    if info["token_inputs"] == "path":
+        info["files"]["heads"] = info["files"]["heads"][:-1]  # fewer graphs than heads: the last depth would be missing
+        (copy / "export_info.json").write_text(json.dumps(info))
+        with pytest.raises(ValueError, match=r"lists 2 heads graph\(s\) for 3 heads \(one per head expected\).*re-export"):
+            load_runtime(copy, capacity=64, max_nodes=16)
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from medusa_lib.files import folder_lock
+    target = tmp_path / "heads"
+    target.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="heads is a file, not a folder"):
+        with folder_lock(target, "head training"):
+            pass
+    assert target.read_text() == "not a folder"

@@ -166,3 +166,28 @@ def test_a_plan_file_round_trips_with_its_draft_rules(tmp_path):
     save_tree(path, [(0,)], 5, rule={"min_prob": 0.1})
     with pytest.raises(ValueError, match="plan.json: 'rule' needs 'budget'"):
         load_plan(path, num_heads=2)
+
+
+def test_plan_files_are_used_exactly_as_written_or_refused(tmp_path):
+    import json
+    from medusa_lib.tree import DraftRule, load_plan
+    good = {"paths": [[0], [1], [0, 0]], "topk": 2, "rule": {"budget": 2, "min_prob": 0.1},
+            "lookup": {"tokens": 4, "min_ngram": 2, "paths": [[0]], "rule": {"budget": 1}}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(good))
+    tree, kw = load_plan(path, 2)
+    assert kw["rule"] == DraftRule(2, 0.1) and kw["lookup"] == 4 and kw["lookup_min_ngram"] == 2
+    assert kw["lookup_tree"].size == 2 and kw["lookup_rule"] == DraftRule(1)
+    bad = [({"lookup": {"tokens": 2.5}}, r"the lookup's tokens must be a whole number >= 1, not 2.5"),  # was rounded to 2
+           ({"lookup": {"tokens": -3}}, r"the lookup's tokens must be a whole number >= 1, not -3"),
+           ({"lookup": {"tokens": 4, "min_ngram": 0}}, r"the lookup's min_ngram must be a whole number >= 1, not 0"),  # could never fire
+           ({"lookup": {}}, r"the 'lookup' section needs 'tokens'"),  # was: silently no lookup
+           ({"lookup": {"tokens": "4"}}, r"the lookup's tokens must be a whole number >= 1, not '4'"),
+           ({"rule": {"budget": 2.7}}, r"'rule''s budget must be a whole number >= 0, not 2.7"),
+           ({"rule": {}}, r"'rule' needs 'budget'"),
+           ({"rule": {"budget": 2, "min_prob": 1.5}}, r"'rule''s min_prob must be a number in \[0, 1\], not 1.5"),
+           ({"lookup": {"tokens": 4, "paths": "0"}}, r"the lookup's paths must be a list of rank lists")]
+    for change, message in bad:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match="plan.json: " + message):
+            load_plan(path, 2)
