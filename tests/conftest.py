@@ -26,3 +26,12 @@ def tokenizer():
 
     from medusa_lib.base import checkpoint_path
     return AutoTokenizer.from_pretrained(checkpoint_path("embedded"))
+
+
+def perturbed(heads, scale: float, seed: int):
+    """Heads nudged off their initialisation (neither identity nor useless), reproducibly."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return heads

@@ -16,6 +16,8 @@ from medusa_lib.fast_graph import FAST_FILE, build_fast_graph, fast_graph_proble
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import DraftRule, build_tree
 
+from conftest import perturbed
+
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 PROMPTS = [[5, 17, 33, 2, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [7], [90, 1, 90, 1, 90, 1, 90, 1]]
 LOGITS_ATOL = 1e-4  # fast vs reference graph, fp32, different kernels (fused RMSNorm, GQA): measured <= 4e-7 here
@@ -73,23 +75,15 @@ def sequential_export(tiny_llama, tmp_path_factory):
     torch.manual_seed(4)
     heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, token_inputs="path", block_expansion=2,
                                              head_vocab=60), vocab_ids=torch.randperm(97)[:60].sort().values)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("fast_seq")
-    export_medusa(tiny_llama, heads, out, topk=4)
+    export_medusa(tiny_llama, perturbed(heads, 0.05, 4), out, topk=4)
     return out
 
 
 @pytest.fixture(scope="module")
 def medusa1_export(tiny_llama, tmp_path_factory):
-    torch.manual_seed(3)
-    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3))
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.add_(0.02 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("fast_m1")
-    export_medusa(tiny_llama, heads, out, topk=4)
+    export_medusa(tiny_llama, perturbed(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3)), 0.02, 3), out, topk=4)
     return out
 
 
