@@ -457,8 +457,16 @@ def reuse_heads(cfg: WorkbookConfig, source: str | Path) -> dict[str, Path]:
     source = Path(source)
     target = cfg.data_dir / f"heads-from-{source.resolve().name}"
     args = {}
+    from medusa_lib.heads import checkpoint_fingerprint
+
     for kind, arg, tree_arg in (("heads", "heads", "tree"), ("hydra", "hydra_heads", "hydra_tree")):
         src, dst = source / kind, target / kind
+        tree = target / "trees" / f"{'tree_hydra' if kind == 'hydra' else 'tree'}.json"
+        if (dst / "heads_config.json").is_file() and (src / "heads_config.json").is_file() \
+                and checkpoint_fingerprint(src) != checkpoint_fingerprint(dst):  # the source was trained again since
+            print(f"{src} changed since it was copied to {dst}: copying it again (its export and tree are made anew).")
+            shutil.rmtree(dst)
+            tree.unlink(missing_ok=True)
         if not (dst / "heads_config.json").is_file():
             missing = [n for n in ("heads_config.json", "heads.safetensors", "log.csv") if not (src / n).is_file()]
             if missing:
@@ -470,7 +478,6 @@ def reuse_heads(cfg: WorkbookConfig, source: str | Path) -> dict[str, Path]:
             for n in ("heads_config.json", "heads.safetensors", "log.csv"):
                 shutil.copy2(src / n, tmp / n)
             os.replace(tmp, dst)
-        tree = target / "trees" / f"{'tree_hydra' if kind == 'hydra' else 'tree'}.json"
         if not tree.is_file():
             rank_acc = rank_accuracy(final_accuracies(dst / "log.csv"))
             paths = greedy_tree(rank_acc, cfg.tree_nodes)

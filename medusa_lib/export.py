@@ -222,7 +222,7 @@ def quantize_heads(path: Path) -> None:
 
 
 def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
-                  base_model: str = "", int8_heads: bool = False) -> dict:
+                  base_model: str = "", int8_heads: bool = False, heads_fingerprint: str | None = None) -> dict:
     """Export base (and heads, when given) and write export_info.json; returns the info dict.
 
     Everything is written into a sibling folder <out_dir>.partial first and swapped in at the end, so
@@ -264,6 +264,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
                 "token_inputs": config.token_inputs if config else "none",
                 "head_vocab": config.head_vocab if config else 0,
                 "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
+            "heads_fingerprint": heads_fingerprint,  # the checkpoint's files it was made from (heads.checkpoint_fingerprint)
                 "seconds": round(time.time() - t0, 1)}
         write_json(work / INFO_FILE, info)
         old = out_dir.with_name(out_dir.name + ".old")
@@ -312,12 +313,18 @@ def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
     if (heads / INFO_FILE).is_file():
         return heads
     if (heads / "heads_config.json").is_file():
-        folder = heads / "onnx"
-        if not (folder / INFO_FILE).is_file():
+        from medusa_lib.heads import checkpoint_fingerprint
+        folder, current = heads / "onnx", checkpoint_fingerprint(heads)
+        made = read_export_info(folder) if (folder / INFO_FILE).is_file() else None
+        wanted = {"heads_fingerprint": current, "topk": cfg.topk, "dtype": "float16" if export_fp16(cfg) else "float32"}
+        stale = made is not None and {k: made.get(k) for k in wanted} != wanted
+        if made is None or stale:  # none yet, or made from heads trained again since (or other export settings)
             from medusa_lib.base import load_base
             from medusa_lib.heads import load_heads
+            if stale:
+                print(f"{folder} was exported from other heads or settings than {heads} holds now: exporting again.")
             model, _ = load_base(cfg.base_model, "cpu", "float32")
             export_medusa(model, load_heads(heads, model), folder, cfg.topk, base_model=cfg.base_model,
-                          int8_heads=cfg.int8_heads, fp16=export_fp16(cfg))
+                          int8_heads=cfg.int8_heads, fp16=export_fp16(cfg), heads_fingerprint=current)
         return folder
     raise FileNotFoundError(f"{heads} holds neither an ONNX export ({INFO_FILE}) nor a heads checkpoint (heads_config.json).")

@@ -195,6 +195,24 @@ def check_compatible(config: HeadsConfig, model, where: str) -> None:
                          f"trained on {config.base_model or 'unknown'}): retrain them on this base (notebook 02).")
 
 
+CHECKPOINT_FILES = ("heads_config.json", "heads.safetensors")
+
+
+def checkpoint_fingerprint(head_dir: str | Path) -> str:
+    """A hash of a heads checkpoint's files (config and weights): what an export or a copy made from
+    the checkpoint records, so that a checkpoint trained again since is noticed."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in CHECKPOINT_FILES:
+        path = Path(head_dir) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {head_dir} is not a whole heads checkpoint (train it, notebook 02).")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def load_heads(head_dir: str | Path, model=None, num_heads: int | None = None) -> MedusaHeads:
     """Heads from a checkpoint folder; with `model`, checked against that base (and head count)."""
     head_dir = Path(head_dir)

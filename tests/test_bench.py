@@ -177,9 +177,11 @@ def test_heads_from_another_preset_are_copied_beside_its_own_with_trees_of_its_s
     for key in ("tree", "hydra_tree"):
         assert len(read_json(args[key])["paths"]) == 7  # the gpu preset's tree size (root excluded), not the source's
     assert not (cfg.data_dir / "heads").exists() and not (cfg.data_dir / "hydra").exists()  # notebook 02's folders untouched
+    assert reuse_heads(cfg, source) == args  # unchanged source: the copy is reused as it is
     (source / "heads" / "heads.safetensors").write_bytes(b"retrained")
     assert reuse_heads(cfg, source) == args
-    assert (args["heads"] / "heads.safetensors").read_bytes() == b"weights of heads"  # what was copied is kept
+    assert (args["heads"] / "heads.safetensors").read_bytes() == b"retrained"  # a stale copy is made again, never reused
+    assert (args["hydra_heads"] / "heads.safetensors").read_bytes() == b"weights of hydra" and args["tree"].is_file()
     with pytest.raises(FileNotFoundError, match="lacks"):
         reuse_heads(cfg, tmp_path / "data" / "tiny")
 

@@ -11,6 +11,8 @@ from medusa_lib.export import export_medusa
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import build_tree, chain_paths
 
+from conftest import perturbed
+
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 
 
@@ -433,3 +435,26 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
         with folder_lock(target, "head training"):
             pass
     assert target.read_text() == "not a folder"
+
+
+def test_an_export_made_from_a_checkpoint_is_made_again_when_the_heads_change(tiny_llama, tmp_path, monkeypatch):
+    """resolve_export_dir (the command lines' --heads DIR) records the checkpoint's fingerprint in the
+    export it makes; heads trained again since are exported again, never served from the old graphs."""
+    import json
+
+    from medusa_lib import base
+    from medusa_lib.export import resolve_export_dir
+    from medusa_lib.heads import save_heads
+    monkeypatch.setattr(base, "load_base", lambda *a, **k: (tiny_llama, None))
+    cfg = get_config("tiny", topk=4)
+    ckpt = tmp_path / "hydra"
+    save_heads(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=2)), ckpt)
+    folder = resolve_export_dir(cfg, ckpt)
+    first = json.loads((folder / "export_info.json").read_text())
+    assert first["heads_fingerprint"] and resolve_export_dir(cfg, ckpt) == folder
+    stamp = (folder / "export_info.json").read_text()
+    assert resolve_export_dir(cfg, ckpt) == folder and (folder / "export_info.json").read_text() == stamp  # reused as it is
+    save_heads(perturbed(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=2)), 0.1, 5), ckpt)  # trained again
+    resolve_export_dir(cfg, ckpt)
+    again = json.loads((folder / "export_info.json").read_text())
+    assert again["heads_fingerprint"] != first["heads_fingerprint"]
