@@ -230,6 +230,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
     with folder_lock(Path(out_dir).parent, f"ONNX export to {Path(out_dir).name}"):
         out_dir = Path(out_dir)
         work = out_dir.with_name(out_dir.name + ".partial")
+        _recover(out_dir)  # an export interrupted between its two renames: its complete copy goes back first
         shutil.rmtree(work, ignore_errors=True)
         dtype = torch.float16 if fp16 else torch.float32
         t0 = time.time()
@@ -276,6 +277,26 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         return info
 
 
+def _complete_copy(out_dir: Path) -> Path | None:
+    """Where an export interrupted between its two renames left a whole copy (export_info.json is
+    written last, so a folder holding it is complete): the new one (.partial), else the old one (.old)."""
+    if (out_dir / INFO_FILE).is_file():
+        return None
+    for suffix in (".partial", ".old"):
+        copy = out_dir.with_name(out_dir.name + suffix)
+        if (copy / INFO_FILE).is_file():
+            return copy
+    return None
+
+
+def _recover(out_dir: Path) -> None:
+    copy = _complete_copy(out_dir)
+    if copy is not None:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # an incomplete folder without export_info.json
+        os.replace(copy, out_dir)
+
+
 def export_fp16(cfg) -> bool:
     """Whether cfg asks for fp16 graphs (export_dtype "float16": faster on a GPU, not lossless there)."""
     return cfg.export_dtype == "float16"
@@ -287,6 +308,11 @@ def read_export_info(export_dir: str | Path) -> dict:
 
     path = Path(export_dir) / INFO_FILE
     if not path.is_file():
+        copy = _complete_copy(Path(export_dir))
+        if copy is not None:
+            raise FileNotFoundError(f"{path} is missing, but {copy} holds a complete export (an export was interrupted "
+                                    f"between its two renames): rename {copy.name} to {Path(export_dir).name}, or export "
+                                    f"again (notebook 04), which puts it back first.")
         raise FileNotFoundError(f"{path} is missing: {Path(export_dir)} is not an export; run notebook 04 (ONNX export).")
     info = read_json(path)
     missing = [k for k in INFO_KEYS if k not in info]

@@ -348,7 +348,15 @@ def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, sch
     Returns (step, log rows, training seconds so far: None from a checkpoint that did not record them)."""
     if not state_path.is_file():
         return 0, [], 0.0
-    state = torch.load(state_path, weights_only=False)
+    try:
+        state = torch.load(state_path, weights_only=False)
+        state["run_key"], state["step"]
+    except Exception as err:  # torch raises several types for a cut or damaged file
+        if not resume:  # --fresh: this run starts afresh and replaces it
+            return 0, [], 0.0
+        raise RunFolderTaken(f"{state_path} cannot be read ({type(err).__name__}): the checkpoint is damaged or truncated. "
+                             f"The heads in {state_path.parent} are kept; pass resume=False / --fresh to train this run "
+                             f"afresh there, or train into another folder.") from None
     if state["run_key"] != run_key:
         if resume:
             raise RunFolderTaken(f"{state_path.parent} holds heads trained with other settings: they are kept. Train "

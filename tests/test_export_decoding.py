@@ -458,3 +458,26 @@ def test_an_export_made_from_a_checkpoint_is_made_again_when_the_heads_change(ti
     resolve_export_dir(cfg, ckpt)
     again = json.loads((folder / "export_info.json").read_text())
     assert again["heads_fingerprint"] != first["heads_fingerprint"]
+
+
+def test_an_export_interrupted_between_its_renames_keeps_its_complete_copy(tiny_llama, tmp_path):
+    import os
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=2))
+    export_medusa(tiny_llama, heads, tmp_path / "onnx", topk=4)
+    os.replace(tmp_path / "onnx", tmp_path / "onnx.partial")  # the state after the first rename of the swap
+    with pytest.raises(FileNotFoundError, match=r"onnx.partial holds a complete export .*interrupted between its two renames"):
+        load_runtime(tmp_path / "onnx", capacity=64)
+    assert (tmp_path / "onnx.partial" / "export_info.json").is_file()  # a read rewrites nothing
+
+    from medusa_lib import export as export_module
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+    real = export_module.export_base
+    export_module.export_base = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the next export puts the complete copy back before it starts
+            export_medusa(tiny_llama, heads, tmp_path / "onnx", topk=4)
+    finally:
+        export_module.export_base = real
+    assert load_runtime(tmp_path / "onnx", capacity=64).info["num_heads"] == 2

@@ -372,3 +372,17 @@ def test_the_runs_overlay_names_every_run_once_in_one_colour_also_with_fewer_hea
         assert len(colours) == 1, (name, colours)
     assert len({mcolors.to_hex(line.get_color()) for line in fig.axes[0].get_lines()}) == len(logs)
     plt.close(fig)
+
+
+def test_a_truncated_training_state_is_named_and_fresh_replaces_it(tmp_path):
+    from medusa_lib.train import RunFolderTaken
+    train(tmp_path, steps=10)
+    state = tmp_path / "heads" / "training_state.pt"
+    heads_bytes = (tmp_path / "heads" / "heads.safetensors").read_bytes()
+    state.write_bytes(state.read_bytes()[:200])  # cut mid-write (by a full disk, say)
+    with pytest.raises(RunFolderTaken, match=r"training_state.pt cannot be read \(\w+\): the checkpoint is damaged or "
+                                             r"truncated.*--fresh"):
+        train(tmp_path, steps=10)
+    assert (tmp_path / "heads" / "heads.safetensors").read_bytes() == heads_bytes  # nothing lost on refusal
+    again = train(tmp_path, steps=10, resume=False)  # --fresh: starts afresh instead of failing the same way
+    assert again["resumed_from"] == 0 and state.is_file()
