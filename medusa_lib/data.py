@@ -303,6 +303,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def check_distilled(rows: list[dict], path: Path) -> list[dict]:
+    """Distilled rows as self_distill writes them ({"id", "messages": [..., assistant reply]}), or an
+    error naming the file and the row, instead of a KeyError deep inside training."""
+    for i, row in enumerate(rows):
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if "id" not in (row if isinstance(row, dict) else {}) or not isinstance(messages, list) or not messages \
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages) \
+                or messages[-1]["role"] != "assistant":
+            rid = row.get("id") if isinstance(row, dict) else None
+            raise ValueError(f"{path}, row {i + 1} (id {rid!r}): not a distilled reply (an 'id' and a 'messages' list "
+                             f"ending with the assistant's reply). Delete that line: its reply is made again on the next run.")
+    return rows
+
+
 def repair_jsonl_tail(path: Path) -> None:
     """Before appending: cut a half-written last line (an interrupted append) off the file. Only the
     bytes after the last newline go, and only when they do not parse."""
@@ -341,7 +355,7 @@ def self_distill(model, tokenizer, conversations: list[dict], out_path: str | Pa
                          f"Give every conversation its own id (load_conversations does).")
     with folder_lock(out_path.parent, "self-distillation"):  # one writer: a second would replace this file under us
         repair_jsonl_tail(out_path)
-        done = {row["id"]: row for row in read_jsonl(out_path)}
+        done = {row["id"]: row for row in check_distilled(read_jsonl(out_path), out_path)}
 
         prompt_len: dict[str, int] = {}
 
@@ -412,7 +426,8 @@ def read_prepared(data_dir: Path, split: str) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run notebook 01 (data prep) first.")
     rows = read_jsonl(path)
-    distilled = current_distilled(rows, read_jsonl(folder / f"distilled_{split}.jsonl"))
+    distilled_path = folder / f"distilled_{split}.jsonl"
+    distilled = current_distilled(rows, check_distilled(read_jsonl(distilled_path), distilled_path))
     if split == "eval" and distilled:
         return distilled
     return distilled + rows

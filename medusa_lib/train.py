@@ -551,6 +551,8 @@ def run_dir(cfg: WorkbookConfig) -> Path:
             return cfg.data_dir / name
     differs = [f"{f}-{getattr(cfg, f)}" for f in RUN_FIELDS if getattr(cfg, f) != getattr(preset, f)]
     slug = "_".join(differs).replace("/", "-")
+    if any(c in str(getattr(cfg, f)) for f in RUN_FIELDS if getattr(cfg, f) != getattr(preset, f) for c in "/_"):
+        slug += "_" + fingerprint(differs)[:8]  # "org/model" and "org-model", or a value holding "_", named apart
     return cfg.data_dir / "runs" / (slug if len(slug) <= 120 else fingerprint(differs))
 
 
@@ -563,6 +565,9 @@ def heads_dir(cfg: WorkbookConfig) -> Path:
 
 def load_caches(cfg: WorkbookConfig, model, tokenizer) -> dict[str, dict]:
     """The hidden-state caches of both splits (built once, then read)."""
+    if not getattr(tokenizer, "chat_template", None):  # refused before minutes of caching, not inside them
+        raise ValueError(f"The tokenizer of {cfg.base_model!r} has no chat template: the heads are trained on chat replies "
+                         f"laid out by it. Use an instruction-tuned base (or set tokenizer.chat_template) first.")
     caches = {}
     for split in ("train", "eval"):
         examples = training_examples(cfg, tokenizer, split)

@@ -246,3 +246,19 @@ def test_the_mix_table_counts_each_source_and_what_the_cut_removes(tokenizer):
     text = marked_text(tokenizer, ex)
     assert text.count("«") == text.count("»") == 1  # one reply, one marked span
     assert text[text.index("«") + 1: text.index("»")] == messages[2]["content"] + "<|im_end|>"
+
+
+def test_a_distilled_row_without_messages_is_named_not_a_keyerror(tmp_path):
+    import json as _json
+
+    from medusa_lib.data import read_prepared
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    conv = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (folder / "train.jsonl").write_text(_json.dumps(conv) + "\n")
+    good = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}
+    (folder / "distilled_train.jsonl").write_text(_json.dumps(good) + "\n" + _json.dumps({"id": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"distilled_train.jsonl, row 2 \(id 'b'\): not a distilled reply.*Delete that line"):
+        read_prepared(tmp_path, "train")
+    (folder / "distilled_train.jsonl").write_text(_json.dumps(good) + "\n")
+    assert read_prepared(tmp_path, "train")[0]["messages"][-1]["content"] == "hey"

@@ -386,3 +386,23 @@ def test_a_truncated_training_state_is_named_and_fresh_replaces_it(tmp_path):
     assert (tmp_path / "heads" / "heads.safetensors").read_bytes() == heads_bytes  # nothing lost on refusal
     again = train(tmp_path, steps=10, resume=False)  # --fresh: starts afresh instead of failing the same way
     assert again["resumed_from"] == 0 and state.is_file()
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_before_caching(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from medusa_lib.train import load_caches
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path))
+    cfg = get_config("tiny", base_model="some/base-model")
+    with pytest.raises(ValueError, match="tokenizer of 'some/base-model' has no chat template"):
+        load_caches(cfg, None, SimpleNamespace(chat_template=None))
+    assert not (cfg.data_dir / "hidden_cache").exists()
+
+
+def test_two_different_settings_never_share_a_run_folder():
+    from medusa_lib.train import run_dir
+    tiny = get_config("tiny")
+    names = {run_dir(tiny.replace(**kw)) for kw in (dict(base_model="org/model"), dict(base_model="org-model"),
+                                                    dict(base_model="x_num_layers-2"), dict(base_model="x", num_layers=2))}
+    assert len(names) == 4
+    assert run_dir(tiny.replace(num_heads=2)).name == "num_heads-2"  # plain names stay as they were
