@@ -14,7 +14,9 @@ case "${1:-}" in
   *) echo "usage: journey.sh stage gK | run" >&2; exit 2 ;;
 esac
 cd /tmp/stage
-for first in *.part00; do [ -e "$first" ] && cat "${first%.part00}".part* > "${first%.part00}" && rm "${first%.part00}".part*; done
+for first in *.part00; do  # a wheel carried in parts is joined whole
+  if [ -e "$first" ]; then cat "${first%.part00}".part* > "${first%.part00}"; rm "${first%.part00}".part*; fi
+done
 cd - > /dev/null
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/stage/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
