@@ -33,7 +33,7 @@ import numpy as np
 from medusa_lib.config import BENCH_METHODS, WorkbookConfig, get_config, hydra_config, repo_root
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
-from medusa_lib.tree import build_tree, chain_paths, load_plan, plan_size, save_tree
+from medusa_lib.tree import build_tree, chain_paths, check_sized_for, load_plan, plan_size, save_tree
 
 ALL_METHODS = BENCH_METHODS
 ORT_METHODS = ("ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -481,7 +481,7 @@ def reuse_heads(cfg: WorkbookConfig, source: str | Path) -> dict[str, Path]:
         if not tree.is_file():
             rank_acc = rank_accuracy(final_accuracies(dst / "log.csv"))
             paths = greedy_tree(rank_acc, cfg.tree_nodes)
-            save_tree(tree, paths, cfg.topk, expected_tau=expected_tau(paths, rank_acc),
+            save_tree(tree, paths, cfg.topk, heads=dst, expected_tau=expected_tau(paths, rank_acc),
                       source=f"notebook 03's rule ({cfg.tree_nodes} nodes) on {src}")
         args[arg], args[tree_arg] = dst, tree
     return args
@@ -534,6 +534,10 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     if {"hydra_tree", "hydra_pld"} & set(methods):
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
         pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in methods else None
+    for export, files in ((export_dir, [tree_file]), (hydra_dir, [hydra_tree_file, pld_file])):
+        made = read_json(export / "export_info.json").get("heads_fingerprint") if export else None
+        for file in (f for f in files if f is not None and Path(f).is_file()):
+            check_sized_for(file, made)  # a tree or plan sized for heads trained again since is refused
     if "ort" not in methods:
         methods.insert(0, "ort")
     if questions is None:

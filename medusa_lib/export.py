@@ -334,6 +334,14 @@ def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
         folder = cfg.data_dir / "onnx"
         if not (folder / INFO_FILE).is_file():
             raise FileNotFoundError(f"No exported model in {folder}: run notebook 04 (ONNX export) first, or pass --heads DIR.")
+        from medusa_lib.train import heads_dir
+        made = read_export_info(folder).get("heads_fingerprint")
+        source = heads_dir(cfg)  # what notebook 04 exports into data/<preset>/onnx
+        if made and (source / "heads_config.json").is_file():
+            from medusa_lib.heads import checkpoint_fingerprint
+            if checkpoint_fingerprint(source) != made:
+                raise ValueError(f"{folder} was exported from other heads than {source} holds now (trained again since): "
+                                 f"run notebook 04 (ONNX export) again.")
         return folder
     heads = Path(heads)
     if (heads / INFO_FILE).is_file():

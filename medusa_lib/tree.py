@@ -268,8 +268,22 @@ def subtree(tree: TreeBuffers, nodes: np.ndarray, lookup: int = 0) -> TreeBuffer
     return _subtree(tree.paths, tree.topk, tuple(int(j) for j in nodes), lookup)
 
 
-def save_tree(path: str | Path, paths, topk: int, **info) -> None:
+def save_tree(path: str | Path, paths, topk: int, heads: str | Path | None = None, **info) -> None:
+    """A tree file; with `heads` (the checkpoint folder it was sized for) it records that checkpoint's
+    fingerprint, so that a tree or plan sized for heads trained again since is refused (check_sized_for)."""
+    if heads is not None:
+        from medusa_lib.heads import checkpoint_fingerprint
+        info["heads_fingerprint"] = checkpoint_fingerprint(heads)
     write_json(path, {"paths": [list(p) for p in paths], "topk": topk, **info})
+
+
+def check_sized_for(path: str | Path, heads_fingerprint: str | None) -> None:
+    """Refuse a tree or plan file sized for other heads than those about to run (when both sides
+    say which heads they are: files written before fingerprints existed are read as before)."""
+    recorded = read_json(path).get("heads_fingerprint")
+    if recorded and heads_fingerprint and recorded != heads_fingerprint:
+        raise ValueError(f"{path} was sized for other heads than the export holds now (the heads were trained again "
+                         f"since): size it anew (notebook 03 for trees, 06 for device plans) or pass another file.")
 
 
 def load_tree(path: str | Path, num_heads: int) -> TreeBuffers:

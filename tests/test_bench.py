@@ -246,3 +246,36 @@ def test_a_capacity_stop_is_not_a_divergence_and_flags_no_method_reads_are_refus
                          (dict(hydra_tree="h.json"), "--hydra-tree")):
         with pytest.raises(ValueError, match=f"{flag} given, but no method in \\['ort'\\] uses it"):
             run_benchmark(cfg, methods=["ort"], progress=False, **kwargs)
+
+
+def test_trees_plans_and_exports_sized_for_other_heads_are_refused(tmp_path, monkeypatch):
+    from medusa_lib.export import resolve_export_dir
+    from medusa_lib.files import write_json
+    from medusa_lib.heads import checkpoint_fingerprint
+    from medusa_lib.tree import check_sized_for, save_tree
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "heads_config.json").write_text("{}")
+    (heads / "heads.safetensors").write_bytes(b"first training")
+    save_tree(tmp_path / "tree.json", [(0,)], 5, heads=heads)
+    check_sized_for(tmp_path / "tree.json", checkpoint_fingerprint(heads))  # the same heads: fine
+    check_sized_for(tmp_path / "tree.json", None)  # an export that does not say which heads: read as before
+    (heads / "heads.safetensors").write_bytes(b"trained again")
+    with pytest.raises(ValueError, match="tree.json was sized for other heads than the export holds now.*size it anew"):
+        check_sized_for(tmp_path / "tree.json", checkpoint_fingerprint(heads))
+    # data/<preset>/onnx exported (notebook 04) from heads trained again since: refused, naming what to run
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path / "data"))
+    cfg = get_config("tiny")
+    from medusa_lib.train import heads_dir
+    ckpt = heads_dir(cfg)
+    ckpt.mkdir(parents=True)
+    (ckpt / "heads_config.json").write_text("{}")
+    (ckpt / "heads.safetensors").write_bytes(b"v1")
+    onnx = cfg.data_dir / "onnx"
+    onnx.mkdir()
+    info = {k: 1 for k in ("topk", "dtype", "num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "num_heads")}
+    write_json(onnx / "export_info.json", {**info, "files": {}, "eos_token_ids": [], "heads_fingerprint": checkpoint_fingerprint(ckpt)})
+    assert resolve_export_dir(cfg) == onnx
+    (ckpt / "heads.safetensors").write_bytes(b"v2")
+    with pytest.raises(ValueError, match="onnx was exported from other heads than .* holds now.*notebook 04"):
+        resolve_export_dir(cfg)
