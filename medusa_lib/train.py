@@ -341,8 +341,18 @@ class RunFolderTaken(ValueError):
     """The output folder holds a run with other settings."""
 
 
+def data_key(cache: dict) -> str:
+    """A hash of everything in a training cache that shapes what the heads learn (the tokens, the loss
+    mask and the base's next tokens, all positions): a resumed run must still train on these."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in ("tokens", "loss_mask", "base_next"):
+        digest.update(cache[name].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, scheduler,
-             generator) -> tuple[int, list, float | None]:
+             generator, data: str | None = None) -> tuple[int, list, float | None]:
     """Resume from out_dir's last checkpoint when it is this run's; refuse a folder that holds
     another run's heads (they are never overwritten), unless `resume` is False (start afresh).
     Returns (step, log rows, training seconds so far: None from a checkpoint that did not record them)."""
@@ -365,6 +375,10 @@ def _restore(state_path: Path, run_key: str, resume: bool, heads, optimizer, sch
         return 0, [], 0.0
     if not resume:
         return 0, [], 0.0
+    if data is not None and state.get("data_key") not in (None, data):  # a checkpoint from before data_key resumes as before
+        raise RunFolderTaken(f"{state_path.parent} holds a run with these settings trained on other data (the records, "
+                             f"their lengths or the cache behind them changed since): its heads are kept. Train into "
+                             f"another folder, or pass resume=False / --fresh to train this run afresh on today's data.")
     heads.load_state_dict(state["heads"]); optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"]); generator.set_state(state["generator"])
     print(f"resuming from step {state['step']} ({state_path})")
@@ -389,6 +403,7 @@ class Run:
     rows: list  # log rows so far
     sampler_state: torch.Tensor  # the batch sampler's state as of the last completed step
     seconds_before: float | None  # training seconds of earlier calls (None: not recorded by an old checkpoint)
+    data_key: str | None = None  # data_key(train cache): what a resumed run must still train on
     started: float = dataclasses.field(default_factory=time.time)  # when this call began training
     saved_seconds: float | None = None  # train_seconds() as of the last checkpoint
 
@@ -407,7 +422,7 @@ class Run:
                                              "head_target": self.cfg.head_target, "train_seconds": seconds})
         _write_log(self.out_dir / "log.csv", log)
         with atomic_path(self.out_dir / "training_state.pt") as tmp:
-            torch.save({"run_key": self.run_key, "step": step, "heads": unwrapped.state_dict(),
+            torch.save({"run_key": self.run_key, "data_key": self.data_key, "step": step, "heads": unwrapped.state_dict(),
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "generator": self.sampler_state, "log": log, "train_seconds": seconds}, tmp)
 
@@ -453,8 +468,9 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
         optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.train_steps))
         generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+        data = data_key(train_cache)
         start, rows, seconds_before = _restore(out_dir / "training_state.pt", run_key, resume, heads, optimizer, scheduler,
-                                               generator)
+                                               generator, data)
         heads, optimizer = accelerator.prepare(heads, optimizer)
         lm_head = lm_head.to(accelerator.device)  # fp32 for evaluation
         train_lm_head = lm_head.to(torch.bfloat16) if accelerator.mixed_precision == "bf16" else lm_head  # cast once
@@ -467,7 +483,7 @@ def train_heads(cfg: WorkbookConfig, lm_head: torch.Tensor, train_cache: dict, e
             raise ValueError("No assistant positions to train or evaluate on: check the prepared data (notebook 01).")
         evals = evals.take(torch.randperm(len(evals.rows), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_positions])
         run = Run(cfg, out_dir, run_key, accelerator, heads, optimizer, scheduler, lm_head, embed, evals,
-                  eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before)
+                  eval_cache["hidden"][evals.rows], rows, generator.get_state(), seconds_before, data_key=data)
 
         # 3c. the loop: sample positions, forward, loss, step; evaluate and checkpoint every eval_every
         running, n_running = torch.zeros(K), 0

@@ -406,3 +406,26 @@ def test_two_different_settings_never_share_a_run_folder():
                                                     dict(base_model="x_num_layers-2"), dict(base_model="x", num_layers=2))}
     assert len(names) == 4
     assert run_dir(tiny.replace(num_heads=2)).name == "num_heads-2"  # plain names stay as they were
+
+
+def test_a_run_resumed_on_other_data_is_refused_and_an_old_checkpoint_still_resumes(tmp_path):
+    from medusa_lib.train import RunFolderTaken
+
+    def stop_at_10(rows):
+        if max(int(r["step"]) for r in rows) == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, steps=20, on_eval=stop_at_10)
+    cfg = get_config("tiny", train_steps=20, eval_every=10, warmup_steps=2, batch_positions=64, lr=2e-2,
+                     eval_positions=256, label_source="data")
+    torch.manual_seed(0)
+    other = synthetic_cache()
+    other["tokens"] = (other["tokens"] + 1) % V  # records changed since: other tokens, same settings
+    with pytest.raises(RunFolderTaken, match="trained on other data .*its heads are kept"):
+        train_heads(cfg, torch.randn(V, C), other, synthetic_cache(seed=1), tmp_path / "heads", HeadsConfig(C, V, num_heads=2))
+    state_path = tmp_path / "heads" / "training_state.pt"
+    state = torch.load(state_path, weights_only=False)
+    del state["data_key"]  # a checkpoint written before data_key existed: resumes as it always did
+    torch.save(state, state_path)
+    assert train(tmp_path, steps=20)["resumed_from"] == 10
