@@ -668,6 +668,8 @@ def main(argv=None) -> None:
         reused = reuse_heads(cfg, a.heads_from)
         a.heads, a.hydra_heads = a.heads or reused["heads"], a.hydra_heads or reused["hydra_heads"]
         a.tree, a.hydra_tree = a.tree or reused["tree"], a.hydra_tree or reused["hydra_tree"]
+    if a.methods is not None and not [m for m in a.methods.split(",") if m.strip()]:
+        raise ValueError(f"--methods is empty: name at least one of {ALL_METHODS}, or leave the flag out for the preset's methods.")
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
                            a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan,
                            hydra_heads=a.hydra_heads)

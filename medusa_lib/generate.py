@@ -36,6 +36,8 @@ def main(argv=None) -> None:
         p.error("--prompt is empty: give the text to answer.")
     if a.max_new_tokens is not None and a.max_new_tokens < 0:
         p.error(f"--max-new-tokens must be >= 0 (0 makes none), not {a.max_new_tokens}.")
+    if a.plain and a.tree:
+        raise ValueError("--plain decodes without a tree, and --tree names one: give one of the two.")
     cfg = get_config(a.preset)
     export_dir = resolve_export_dir(cfg, a.heads)
     info = read_export_info(export_dir)

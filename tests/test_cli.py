@@ -7,6 +7,8 @@ import sys
 import pytest
 
 CASES = [
+    (["medusa_lib.bench", "--methods", ""], {}, "--methods is empty: name at least one of"),
+    (["medusa_lib.generate", "--prompt", "hi", "--plain", "--tree", "t.json"], {}, "--plain decodes without a tree"),
     (["medusa_lib.generate", "--prompt", "Tell me about llamas"], {}, "No exported model in .*run notebook 04"),
     (["medusa_lib.bench", "--methods", "ort,bogus"], {}, r"Unknown method\(s\) \['bogus'\]"),
     (["medusa_lib.train", "--preset", "tiny"], {"WORKBOOK_OVERRIDES": '{"num_heads": "3"}'},
