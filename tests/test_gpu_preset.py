@@ -43,3 +43,11 @@ def test_every_notebook_runs_with_the_gpu_preset_at_tiny_sizes(tmp_path, monkeyp
     assert all(m["uses"]["export"].startswith("data/gpu/") for m in results["methods"].values() if m.get("uses"))
     assert results["methods"]["ort_ref"]["uses"]["graph"] == "reference"  # what each method ran is recorded
     assert any(Path(tmp_path / "figures").glob("06_*.png"))  # figures went where the config said, not to static/
+    # a prompt too long for the KV cache is skipped before any method runs, named; the other prompts are kept
+    from medusa_lib.bench import run_benchmark
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(json.dumps({"question_id": qid, "turns": [text]})
+                                   for qid, text in (("short", "Hi!"), ("long", "word " * 2000))) + "\n")
+    res = run_benchmark(cfg, questions=str(questions), limit=2, max_new_tokens=4, methods=["ort"], memory=False, progress=False)
+    assert res["methods"]["ort"]["prompts"] == 1 and res["settings"]["prompts_skipped"] == 1
+    assert any(n.startswith("question long skipped") and f"kv_capacity={cfg.kv_capacity}" in n for n in res["notes"])
