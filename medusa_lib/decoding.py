@@ -64,12 +64,14 @@ class OrtRuntime:
     bindings: dict = field(default_factory=dict)  # fast graph: pass width T -> its IO binding (cache bound once)
     base_s: list = field(default_factory=lambda: [0.0])  # seconds inside the base graph's runs (ORT), summed
 
+    def token_rows(self) -> torch.Tensor:
+        """The cache as (2L, capacity, kv_heads, head_dim), token rows first, whichever graph's layout
+        holds it: a view, so what is written to it lands in the cache."""
+        return self.cache[:, 0].transpose(1, 2) if self.graph == "fast" else self.cache[:, 0]
+
     def kv_rows(self, j: int, start: int, stop: int) -> torch.Tensor:
-        """Rows start..stop-1 of cache tensor j (2*layer for keys, +1 for values): (rows, kv_heads, head_dim)
-        whichever graph's layout holds them (a view for the reference graph, a copy for the fast one)."""
-        if self.graph == "fast":
-            return self.cache[j, 0, :, start:stop].transpose(0, 1).contiguous()
-        return self.cache[j, 0, start:stop]
+        """Rows start..stop-1 of cache tensor j (2*layer for keys, +1 for values): (rows, kv_heads, head_dim), a view."""
+        return self.token_rows()[j, start:stop]
 
     def bias(self, T: int, n: int) -> torch.Tensor:
         """A (1, 1, T, n+T) view of the preallocated bias buffer (contents left as they are)."""
@@ -508,20 +510,13 @@ def accept(tree_tokens: np.ndarray, logits: torch.Tensor, tree: TreeBuffers, tem
 
 def compact(rt: OrtRuntime, nodes: np.ndarray, n: int) -> None:
     """5. Move the accepted nodes' K/V rows from n + node to n, n+1, ... (a few rows, not the cache)."""
+    rows = rt.token_rows()  # (2L, capacity, Hkv, D), a view of either layout
     if rt.device.type == "cpu":  # numpy on the shared memory: no torch thread pool for a few rows
-        cache = rt.cache.numpy()  # same memory
-        if rt.graph == "fast":  # (2L, 1, Hkv, capacity, D)
-            layer = cache[:, 0]  # (2L, Hkv, capacity, D): one array index, so its axis stays in place
-            layer[:, :, n: n + len(nodes)] = layer[:, :, n + nodes]  # (2L, Hkv, L+1, D)
-        else:  # (2L, 1, capacity, Hkv, D)
-            cache[:, 0, n: n + len(nodes)] = cache[:, 0, n + nodes]  # (2L, L+1, Hkv, D); the RHS is gathered first
+        rows = rows.numpy()
+        rows[:, n: n + len(nodes)] = rows[:, n + nodes]  # (2L, L+1, Hkv, D); the RHS is gathered first
         return
     src = torch.from_numpy(n + nodes).to(rt.device)  # (L+1,)
-    if rt.graph == "fast":
-        layer = rt.cache[:, 0]  # (2L, Hkv, capacity, D)
-        layer[:, :, n: n + len(nodes)] = layer[:, :, src]  # (2L, Hkv, L+1, D)
-    else:
-        rt.cache[:, 0, n: n + len(nodes)] = rt.cache[:, 0, src]  # (2L, L+1, Hkv, D)
+    rows[:, n: n + len(nodes)] = rows[:, src]  # (2L, L+1, Hkv, D)
 
 
 # ----------------------------------------------------------------------------------------------
