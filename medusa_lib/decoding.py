@@ -34,8 +34,9 @@ import onnxruntime as ort
 import torch
 
 from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
-from medusa_lib.fast_graph import FAST_FILE, fast_io_names, max_positions_of
-from medusa_lib.tree import PAD, DraftRule, TreeBuffers, grow_draft, prompt_lookup, subtree, with_lookup
+from medusa_lib.fast_graph import SPARE_ROWS, fast_io_names, max_positions_of
+from medusa_lib.quant import WEIGHTS
+from medusa_lib.tree import PAD, DraftRule, TreeBuffers, grow_draft, prompt_lookup, subtree, top_chain, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
@@ -58,6 +59,10 @@ class OrtRuntime:
     names_in: list[str]
     names_out: list[str]
     graph: str = "reference"  # or "fast"
+    weights: str = "fp32"  # or "int8", "q4" (quant.py; fast graph only). Their MatMulNBits kernels round the
+    # activations to int8, which turns the last-bit differences of a tree's row layout into visibly different
+    # logits; a chain pass computes every row bit for bit as plain decoding does, so on these graphs generate
+    # cuts each step's tree to a chain: its top-ranked chain, or the prompt-lookup chain alone (docs/engine.md)
     bias_buf: torch.Tensor | None = None  # (max_nodes * capacity,) where each step's attention bias is written
     step_buf: torch.Tensor | None = None  # fast graph: (2, max_nodes) int64 ids and positions of a pass
     seq_buf: torch.Tensor | None = None  # fast graph: (2,) int32 seqlens_k = n+T-1, total_sequence_length = n+T
@@ -152,14 +157,18 @@ def _session(path: Path, options, providers) -> ort.InferenceSession:
 GRAPHS = ("auto", "fast", "reference")
 
 
-def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, options, providers) -> ort.InferenceSession | None:
+def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, options, providers,
+                  weights: str = "fp32") -> ort.InferenceSession | None:
     """The fast graph's session, or None (with the reason said) where the reference graph must serve:
     an export without it, an fp16 export, the CUDA provider (GroupQueryAttention has no fp32 kernel
-    there), a capacity beyond its rotary tables, or an ONNX Runtime that lacks its operators."""
-    name = info["files"].get("base_fast")
+    there), a capacity beyond its rotary tables, or an ONNX Runtime that lacks its operators.
+    Quantised weights exist on the fast graph only, so for them each of these is an error instead."""
+    name = info["files"].get("base_fast" if weights == "fp32" else f"base_fast_{weights}")
     why = None
     if not name:
-        why = f"{export_dir} has no fast graph ({info.get('fast_graph', 'exported before the fast graph existed; re-export')})"
+        note = info.get("fast_graph", "exported before the fast graph existed; re-export") if weights == "fp32" else \
+            info.get("quantised", {}).get(weights, {}).get("skipped", "exported before quantised graphs existed; re-export")
+        why = f"{export_dir} has no fast graph{'' if weights == 'fp32' else ' with ' + weights + ' weights'} ({note})"
     elif providers[0] == "CUDAExecutionProvider":
         why = ("GroupQueryAttention runs in fp16/bf16 only on ONNX Runtime's CUDA provider, and the graphs are fp32 "
                "(the lossless choice)")
@@ -172,6 +181,9 @@ def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, optio
             if capacity <= max_positions_of(session):
                 return session
             why = f"kv capacity {capacity} exceeds the {max_positions_of(session)} positions of its rotary tables"
+    if weights != "fp32":
+        raise RuntimeError(f"weights={weights!r} cannot run: {why}. The quantised weights live in the fast graph only: "
+                           f"re-export (notebook 04) or use weights='fp32'.")
     if graph == "fast":
         raise RuntimeError(f"graph='fast' cannot run: {why}. Use graph='auto' (falls back to the reference graph).")
     warnings.warn(f"Fast base graph not used: {why}; decoding with the reference graph (slower, same outputs).",
@@ -179,10 +191,24 @@ def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, optio
     return None
 
 
+def resolve_weights(export_dir: Path, info: dict, weights: str) -> str:
+    """The weight set an export can decode with: `weights`, or int8 in place of a q4 set the export
+    could not write (a base without Q4_1 blocks), said in a warning."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, not {weights!r}.")
+    if weights == "q4" and not info["files"].get("base_fast_q4") and info["files"].get("base_fast_int8"):
+        why = info.get("quantised", {}).get("q4", {}).get("skipped", "not written")
+        warnings.warn(f"{export_dir} has no q4 graph ({why}); decoding with its int8 weights instead.", stacklevel=3)
+        return "int8"
+    return weights
+
+
 def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provider: str = "auto",
-                 max_nodes: int = 128, with_heads: bool = True, spin: bool = True, graph: str = "auto") -> OrtRuntime:
+                 max_nodes: int = 128, with_heads: bool = True, spin: bool = True, graph: str = "auto",
+                 weights: str = "fp32") -> OrtRuntime:
     """Sessions, KV cache and buffers for decoding an export. `graph`: "auto" (the fast graph where it
-    can run, else the reference graph with a warning saying why), "fast" (or an error) or "reference"."""
+    can run, else the reference graph with a warning saying why), "fast" (or an error) or "reference".
+    `weights` (quant.WEIGHTS): the base's weights, "fp32" (either graph), "int8" or "q4" (fast graph)."""
     export_dir = Path(export_dir)
     if capacity < 1 or max_nodes < 1 or threads < 0:
         raise ValueError(f"load_runtime needs capacity >= 1, max_nodes >= 1 and threads >= 0 "
@@ -190,9 +216,13 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}.")
     info = read_export_info(export_dir)
+    weights = resolve_weights(export_dir, info, weights)
+    if weights != "fp32" and graph == "reference":
+        raise ValueError(f"graph='reference' is the fp32 graph of notebook 04; weights={weights!r} runs on the fast graph: "
+                         f"use graph='auto'.")
     providers = execution_providers(provider)
     options = _session_options(threads, spin)
-    base = None if graph == "reference" else _fast_session(export_dir, info, graph, capacity, options, providers)
+    base = None if graph == "reference" else _fast_session(export_dir, info, graph, capacity, options, providers, weights)
     fast = base is not None
     base = base or _session(export_dir / BASE_FILE, options, providers)
     if base.get_providers()[0] != providers[0]:  # ORT falls back to the CPU when its CUDA provider cannot load
@@ -213,14 +243,15 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     dtype = torch.float16 if info["dtype"] == "float16" else torch.float32
     layers, Hkv, D = info["num_layers"], info["kv_heads"], info["head_dim"]
     names_in, names_out = fast_io_names(layers) if fast else io_names(layers)
-    cache_shape = (2 * layers, 1, Hkv, capacity, D) if fast else (2 * layers, 1, capacity, Hkv, D)
+    # the fast graph's attention writes one spare row after each pass (fast_graph.py): one row more than capacity
+    cache_shape = (2 * layers, 1, Hkv, capacity + SPARE_ROWS, D) if fast else (2 * layers, 1, capacity, Hkv, D)
     return OrtRuntime(
         base=base, heads=heads, embed=embed, info=info, device=device, capacity=capacity,
         cache=torch.zeros(cache_shape, dtype=dtype, device=device),
         logits_buf=torch.zeros(1, max_nodes, info["vocab_size"], dtype=dtype, device=device),
         hidden_buf=torch.zeros(1, max_nodes, info["hidden_size"], dtype=dtype, device=device),
         np_dtype=np.float16 if dtype == torch.float16 else np.float32, names_in=names_in, names_out=names_out,
-        graph="fast" if fast else "reference",
+        graph="fast" if fast else "reference", weights=weights,
         bias_buf=torch.zeros(max_nodes * capacity, dtype=dtype, device=device),
         step_buf=torch.zeros(2, max_nodes, dtype=torch.int64) if fast else None,
         seq_buf=torch.zeros(2, dtype=torch.int32) if fast else None,
@@ -593,6 +624,8 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
         check_tree(rt, tree)
         if lookup_tree is not None:
             check_tree(rt, lookup_tree)
+        if rt.weights != "fp32":  # quantised graphs: chains only (see OrtRuntime.weights)
+            tree, lookup_tree = top_chain(tree), (subtree(tree, np.array([0])) if lookup else None)
     looked = with_lookup(tree if lookup_tree is None else lookup_tree, lookup) if medusa else None
     N = max(tree.size, looked.size) if medusa else 1
     if N > rt.logits_buf.shape[1]:

@@ -222,8 +222,11 @@ def quantize_heads(path: Path) -> None:
 
 
 def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
-                  base_model: str = "", int8_heads: bool = False, heads_fingerprint: str | None = None) -> dict:
+                  base_model: str = "", int8_heads: bool = False, heads_fingerprint: str | None = None,
+                  quantised: tuple[str, ...] = ("int8", "q4")) -> dict:
     """Export base (and heads, when given) and write export_info.json; returns the info dict.
+    Beside the fp32 fast graph, one fast graph per weight set in `quantised` (quant.py); q4 needs a base
+    loaded from a Q4_1 GGUF (`base_model` names it) and is skipped, saying why, otherwise.
 
     Everything is written into a sibling folder <out_dir>.partial first and swapped in at the end, so
     an interrupted re-export never leaves a folder whose graphs and export_info.json disagree."""
@@ -236,13 +239,17 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         t0 = time.time()
         export_base(model, work, dtype)
         fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
+        quantised_files, quantised_info = {}, {}
         if fp16:
             fast_note = "fp16 export: the fast graph is written in fp32 only"
         else:
             from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
             fast_note = fast_graph_problem(model)
             if fast_note is None:
-                fast_file = export_fast_base(model, work).name
+                fast_file = export_fast_base(model, work)[0].name
+                quantised_files, quantised_info = _export_quantised(model, work, quantised, base_model)
+        for weights in quantised:
+            quantised_info.setdefault(weights, {"skipped": fast_note})
         head_files = []
         if heads is not None:
             lm_head = model.get_output_embeddings().weight.detach()
@@ -257,7 +264,8 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         layers, Hkv, D = kv_shape(model)
         config = heads.config if heads is not None else None
         info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
-                          "base_fast_skipped": fast_note}, "fast_graph": fast_note or "written", "topk": topk,
+                          "base_fast_skipped": fast_note, **quantised_files}, "fast_graph": fast_note or "written",
+                "quantised": quantised_info, "topk": topk,
                 "dtype": "float16" if fp16 else "float32", "num_layers": layers,
                 "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
                 "vocab_size": model.get_output_embeddings().weight.shape[0],
@@ -275,6 +283,28 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         os.replace(work, out_dir)
         shutil.rmtree(old, ignore_errors=True)
         return info
+
+
+def _export_quantised(model, work: Path, sets: tuple[str, ...], base_model: str) -> tuple[dict, dict]:
+    """The quantised fast graphs: ({"base_fast_<set>": file}, {set: weight error report or {"skipped": why}})."""
+    import warnings
+
+    from medusa_lib.base import gguf_source
+    from medusa_lib.fast_graph import export_fast_base
+    from medusa_lib.quant import NoQ4Blocks
+
+    files, reports = {}, {}
+    for weights in sets:
+        try:
+            path, report = export_fast_base(model, work, weights=weights, gguf_path=gguf_source(base_model))
+        except NoQ4Blocks as err:  # said out loud where a GGUF was given; a base from Hugging Face has no Q4_1 blocks
+            if gguf_source(base_model) is not None:
+                warnings.warn(f"No q4 graph: {err}", stacklevel=3)
+            reports[weights] = {"skipped": str(err)}
+            continue
+        files[f"base_fast_{weights}"] = path.name
+        reports[weights] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in report.items()}
+    return files, reports
 
 
 def _complete_copy(out_dir: Path) -> Path | None:

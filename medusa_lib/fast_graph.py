@@ -40,9 +40,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from medusa_lib.quant import ACCURACY_LEVEL, BLOCK, concat
+
 FAST_FILE = "base_fast.onnx"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+SPARE_ROWS = 1  # cache rows after the last token that a pass may write (the attention's spare row)
 MAX_POSITIONS = 8192  # rotary tables' rows: the largest KV capacity the fast graph serves (unless the base has fewer)
 
 
@@ -94,8 +97,9 @@ def rotary_tables(model, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return _np(cos[0, :, :half]), _np(sin[0, :, :half])
 
 
-def build_fast_graph(model, max_positions: int = MAX_POSITIONS) -> onnx.ModelProto:
-    """The fast graph of `model` (fp32) as an in-memory ONNX model."""
+def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) -> onnx.ModelProto:
+    """The fast graph of `model` as an in-memory ONNX model: fp32 weights, or with `quantised` (a
+    quant.QuantisedWeights) every projection and the output head as MatMulNBits blocks."""
     problem = fast_graph_problem(model)
     if problem:
         raise NotImplementedError(f"No fast graph for this base: {problem}.")
@@ -114,17 +118,44 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS) -> onnx.ModelPro
 
     def init(name, array):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32)
-                                             if array.dtype.kind == "f" else array, name))
+                                             if array.dtype.kind == "f" else np.ascontiguousarray(array), name))
         return name
 
     def node(op, inputs, outputs, domain="", **attrs):
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outputs[0]
 
+    def linear(x, out, modules: list[tuple[str, torch.nn.Linear]]):
+        """x @ W^T for the modules' weights stacked along the outputs: one MatMul (fp32) or MatMulNBits."""
+        w = np.concatenate([_np(m.weight) for _, m in modules])  # (N, K)
+        parts = None if quantised is None else [quantised.blocks(name, _np(m.weight)) for name, m in modules]
+        if parts is None or any(p is None for p in parts):
+            return node("MatMul", [x, init(out + ".w", w.T)], [out])
+        return matmul_nbits(x, out, concat(parts))
+
+    def matmul_nbits(x, out, b):
+        (N, K), kb = b.shape, b.packed.shape[1]
+        inputs = [x, init(out + ".q", b.packed), init(out + ".scales", b.scales.reshape(-1)),
+                  init(out + ".zeros", b.zero_points.reshape(-1))]
+        return node("MatMulNBits", inputs, [out], domain=MS_DOMAIN, K=K, N=N, bits=b.bits, block_size=BLOCK,
+                    accuracy_level=ACCURACY_LEVEL)
+
     cos, sin = rotary_tables(model, rows)
     init("cos_cache", cos); init("sin_cache", sin)
     init("embed", _np(inner.embed_tokens.weight))  # (V, C)
     init("split_sizes", np.array([layers[0].mlp.gate_proj.out_features] * 2, dtype=np.int64))
+    # GroupQueryAttention takes one spare row after the T real ones (zeros, placed after the last token,
+    # written to cache row n+T and overwritten by the next pass; causal order hides it from the real
+    # rows). Its CPU kernel computes a row bit for bit alike in any pass of two rows or more, but not in a
+    # pass of one, so with the spare row a token's attention no longer depends on the pass width.
+    init("pad_one_row", np.array([0, 0, 0, 0, 1, 0], dtype=np.int64))  # (1, T, F) -> (1, T+1, F)
+    node("Pad", ["attention_bias", init("pad_bias", np.array([0, 0, 0, 0, 0, 0, 1, 1], dtype=np.int64))], ["gqa_bias"])
+    node("Pad", ["position_ids", init("pad_position", np.array([0, 0, 0, 1], dtype=np.int64))], ["gqa_positions"],
+         mode="edge")  # (1, T+1): the spare row at the last token's position
+    init("minus_one", np.array([-1], dtype=np.int64)); init("axis_1", np.array([1], dtype=np.int64))
+    node("Add", ["seqlens_k", init("one", np.array(1, dtype=np.int32))], ["gqa_seqlens_k"])
+    node("Add", ["total_sequence_length", "one"], ["gqa_total"])
+    init("zero", np.array([0], dtype=np.int64))
     x = node("Gather", ["embed", "input_ids"], ["x_0"])  # (1, T, C)
     residual, delta = None, None
     for i, layer in enumerate(layers):
@@ -140,37 +171,41 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS) -> onnx.ModelPro
                      [p + "h", "", "", p + "r_in"], domain=MS_DOMAIN, epsilon=eps)
             residual = p + "r_in"
         # 2 packed q|k|v
-        w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0)  # (Dq+2Dkv, C)
-        qkv = node("MatMul", [h, init(p + "w_qkv", _np(w_qkv).T)], [p + "qkv"])  # (1, T, Dq+2Dkv)
+        m = f"model.layers.{i}."
+        qkv = linear(h, p + "qkv", [(m + "self_attn." + n, getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")])
+        # (1, T, Dq+2Dkv)
         if attn.q_proj.bias is not None:  # Qwen2: biases on q, k, v
             b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             qkv = node("Add", [qkv, init(p + "b_qkv", _np(b))], [p + "qkv_b"])
         # 3 attention: rotary, grouped kv heads, causal + tree bias, cache written in place
         past_k, past_v = names_in[5 + 2 * i], names_in[6 + 2 * i]
+        qkv = node("Pad", [qkv, "pad_one_row"], [p + "qkv_spare"])  # (1, T+1, Dq+2Dkv)
         ctx = node("GroupQueryAttention",
-                   [qkv, "", "", past_k, past_v, "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
-                    "position_ids", "attention_bias"],
-                   [p + "ctx", names_out[2 + 2 * i], names_out[3 + 2 * i]], domain=MS_DOMAIN,
+                   [qkv, "", "", past_k, past_v, "gqa_seqlens_k", "gqa_total", "cos_cache", "sin_cache",
+                    "gqa_positions", "gqa_bias"],
+                   [p + "ctx_spare", names_out[2 + 2 * i], names_out[3 + 2 * i]], domain=MS_DOMAIN,
                    num_heads=H, kv_num_heads=Hkv, do_rotary=1, rotary_interleaved=0, scale=float(attn.scaling))
-        attn_out = node("MatMul", [ctx, init(p + "w_o", _np(attn.o_proj.weight).T)], [p + "attn"])  # (1, T, C)
+        ctx = node("Slice", [ctx, "zero", "minus_one", "axis_1"], [p + "ctx"])  # (1, T, Dq): the spare row dropped
+        attn_out = linear(ctx, p + "attn", [(m + "self_attn.o_proj", attn.o_proj)])  # (1, T, C)
         # 4 residual add + post-attention norm
         h2 = node("SkipSimplifiedLayerNormalization",
                   [attn_out, residual, init(p + "ln2", _np(layer.post_attention_layernorm.weight))],
                   [p + "h2", "", "", p + "r_mid"], domain=MS_DOMAIN, epsilon=eps)
         residual = p + "r_mid"
         # 5 MLP: SiLU(gate) * up, then down
-        w_gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)  # (2I, C)
-        gu = node("MatMul", [h2, init(p + "w_gu", _np(w_gu).T)], [p + "gu"])  # (1, T, 2I)
+        gu = linear(h2, p + "gu", [(m + "mlp.gate_proj", mlp.gate_proj), (m + "mlp.up_proj", mlp.up_proj)])  # (1, T, 2I)
         gate, up = p + "gate", p + "up"
         node("Split", [gu, "split_sizes"], [gate, up], axis=-1)
         act = node("Mul", [gate, node("Sigmoid", [gate], [p + "sig"])], [p + "silu"])
-        delta = node("MatMul", [node("Mul", [act, up], [p + "act"]), init(p + "w_down", _np(mlp.down_proj.weight).T)],
-                     [p + "mlp"])  # (1, T, C)
+        delta = linear(node("Mul", [act, up], [p + "act"]), p + "mlp", [(m + "mlp.down_proj", mlp.down_proj)])  # (1, T, C)
     node("SkipSimplifiedLayerNormalization", [delta, residual, init("ln_f", _np(inner.norm.weight))],
          ["hidden_states", "", "", "r_out"], domain=MS_DOMAIN, epsilon=eps)
     lm = model.get_output_embeddings()
     tied = lm.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    if tied:  # one copy of the table: Gemm reads it transposed
+    lm_blocks = None if quantised is None else quantised.blocks("lm_head", _np(lm.weight))
+    if lm_blocks is not None:  # the output head's blocks (for a tied head, the token table's)
+        matmul_nbits("hidden_states", "logits", lm_blocks)
+    elif tied:  # one copy of the table: Gemm reads it transposed
         flat = node("Reshape", ["hidden_states", init("shape_2d", np.array([-1, C], dtype=np.int64))], ["h_2d"])
         out = node("Gemm", [flat, "embed"], ["logits_2d"], transB=1)
         node("Reshape", [out, init("shape_3d", np.array([1, -1, V], dtype=np.int64))], ["logits"])
@@ -197,19 +232,30 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS) -> onnx.ModelPro
     return proto
 
 
-def export_fast_base(model, out_dir: str | Path, max_positions: int = MAX_POSITIONS) -> Path:
-    """Write out_dir/base_fast.onnx (weights beside it when over protobuf's 2 GB limit); renamed into
-    place last, so an interrupted export never leaves a file that looks whole."""
+def fast_file(weights: str = "fp32") -> str:
+    """The fast graph's file name for a weight set: base_fast.onnx, base_fast_int8.onnx, base_fast_q4.onnx."""
+    return FAST_FILE if weights == "fp32" else FAST_FILE.replace(".onnx", f"_{weights}.onnx")
+
+
+def export_fast_base(model, out_dir: str | Path, max_positions: int = MAX_POSITIONS, weights: str = "fp32",
+                     gguf_path: str | Path | None = None) -> tuple[Path, dict | None]:
+    """Write the fast graph with `weights` (quant.WEIGHTS) to out_dir/fast_file(weights) (weights beside it
+    when over protobuf's 2 GB limit); renamed into place last, so an interrupted export never leaves a
+    file that looks whole. Returns (path, the quantised weights' error report or None for fp32).
+    A q4 request for a base without Q4_1 blocks raises quant.NoQ4Blocks."""
     from medusa_lib.export import EXTERNAL_DATA_LIMIT
+    from medusa_lib.quant import QuantisedWeights
 
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    proto = build_fast_graph(model, max_positions)
+    quantised = None if weights == "fp32" else QuantisedWeights(weights, model, gguf_path)
+    proto = build_fast_graph(model, max_positions, quantised)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key="weights", value=weights))
     large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_LIMIT - (64 << 20)
-    path = out_dir / FAST_FILE
+    path = out_dir / fast_file(weights)
     tmp = path.with_name(path.name + ".partial")
     onnx.save_model(proto, str(tmp), save_as_external_data=large, location=path.name + ".data" if large else None)
     os.replace(tmp, path)
-    return path
+    return path, (quantised.report() if quantised else None)
 
 
 def max_positions_of(session) -> int:

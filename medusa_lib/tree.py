@@ -268,6 +268,13 @@ def subtree(tree: TreeBuffers, nodes: np.ndarray, lookup: int = 0) -> TreeBuffer
     return _subtree(tree.paths, tree.topk, tuple(int(j) for j in nodes), lookup)
 
 
+def top_chain(tree: TreeBuffers) -> TreeBuffers:
+    """The tree cut to its top-ranked chain: the root and the nodes whose path is all rank 0, (0,),
+    (0, 0), ... (no lookup chain). Its passes lay every node's ancestors out in consecutive rows, as
+    plain decoding does; on quantised graphs that is what keeps Medusa exact (decoding.generate)."""
+    return subtree(tree, np.array([0] + [j for j, p in enumerate(tree.paths, 1) if not any(p)]))
+
+
 def save_tree(path: str | Path, paths, topk: int, heads: str | Path | None = None, **info) -> None:
     """A tree file; with `heads` (the checkpoint folder it was sized for) it records that checkpoint's
     fingerprint, so that a tree or plan sized for heads trained again since is refused (check_sized_for)."""
