@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medusa_lib.config import BENCH_METHODS, WorkbookConfig, get_config, hydra_config, repo_root
+from medusa_lib.config import BENCH_METHODS, WEIGHTS, WorkbookConfig, get_config, hydra_config, method_known, repo_root, split_method
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
 from medusa_lib.tree import build_tree, chain_paths, check_sized_for, load_plan, plan_size, save_tree
@@ -38,6 +38,14 @@ from medusa_lib.tree import build_tree, chain_paths, check_sized_for, load_plan,
 ALL_METHODS = BENCH_METHODS
 ORT_METHODS = ("ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
 PLAIN_METHODS = ("ort", "ort_ref")  # one token a pass, no tree
+# A method may name a quantised base: "hydra_pld@q4" is hydra_pld on the q4 fast graph (config.split_method), judged
+# against "ort@q4", plain decoding on that same graph (added to the run when missing).
+
+
+def plain_of(name: str) -> str:
+    """The plain method on the same graph as `name`: what its output must equal ("ort" or "ort@<weights>")."""
+    method, weights = split_method(name)
+    return "ort" if weights == "fp32" else f"ort@{weights}"
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 
 
@@ -263,12 +271,15 @@ class Methods:
     """Loads what each method needs once; `run(name, ids)` -> (tokens, decode_s, e2e_s, tau)."""
 
     def __init__(self, cfg: WorkbookConfig, methods, export_dir: Path, tree_file: Path, threads: int,
-                 hydra_dir: Path | None = None, hydra_tree_file: Path | None = None, pld_file: Path | None = None):
+                 hydra_dir: Path | None = None, hydra_tree_file: Path | None = None, pld_file: Path | None = None,
+                 quantised_plans: dict[str, Path] | None = None):
         import torch
         from medusa_lib.base import load_base
         from medusa_lib.decoding import load_runtime, with_heads_of
 
         self.cfg, self.methods = cfg, list(methods)
+        bases = {split_method(m)[0] for m in self.methods}
+        quantised = sorted({split_method(m)[1] for m in self.methods} - {"fp32"})
         self.torch = torch
         if threads:
             torch.set_num_threads(threads)
@@ -285,23 +296,31 @@ class Methods:
         self.trees = {"medusa_chain": build_tree(chain_paths(num_heads), self.info["topk"], num_heads)}
         if tree_file is not None:  # only medusa_tree reads it
             self.trees["medusa_tree"], self.lookup["medusa_tree"] = _tree_plan(tree_file, num_heads)
-        hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & set(self.methods) else None
+        hydra_info = read_json(hydra_dir / "export_info.json") if {"hydra_tree", "hydra_pld"} & bases else None
         if hydra_info is not None:
             self.trees["hydra_tree"], self.lookup["hydra_tree"] = _tree_plan(hydra_tree_file, hydra_info["num_heads"])
             self.trees["hydra_pld"] = self.trees["hydra_tree"]  # the hydra tree with the preset's chain, unless a plan says
             self.lookup["hydra_pld"] = {**self.lookup["hydra_tree"], "lookup": cfg.lookup_tokens}
             if pld_file is not None:
                 self.trees["hydra_pld"], self.lookup["hydra_pld"] = load_plan(pld_file, hydra_info["num_heads"])
+            for name, path in (quantised_plans or {}).items():  # "hydra_pld@q4": a plan sized for that graph
+                self.trees[name], self.lookup[name] = load_plan(path, hydra_info["num_heads"])
         max_nodes = max(plan_size(t, **self.lookup.get(name, {})) for name, t in self.trees.items())
         self.max_nodes = max_nodes  # the widest pass any method may make
-        self.rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes,
-                               with_heads=any(m.startswith("medusa") for m in self.methods), graph=cfg.base_graph)
-        self.runtimes = {name: self.rt for name in ("ort", "medusa_chain", "medusa_tree")}
+        self.runtimes = {}
+        fp32 = any(m in ORT_METHODS and m != "ort_ref" for m in self.methods)  # a method on the fp32 fast or reference graph
+        for weights in (["fp32"] if fp32 or not quantised else []) + quantised:
+            at = "" if weights == "fp32" else "@" + weights  # one base session and cache per weight set
+            rt = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=max_nodes, weights=weights,
+                              graph=cfg.base_graph if weights == "fp32" else "auto",
+                              with_heads=any(m.startswith("medusa") and split_method(m)[1] == weights for m in self.methods))
+            self.runtimes.update({name + at: rt for name in ("ort", "medusa_chain", "medusa_tree")})
+            if hydra_info is not None:  # the same base session and cache, the sequential heads
+                self.runtimes[f"hydra_tree{at}"] = self.runtimes[f"hydra_pld{at}"] = with_heads_of(rt, hydra_dir)
+        self.rt = self.runtimes.get("ort") or next(iter(self.runtimes.values()))  # the graph the machine section describes
         if "ort_ref" in self.methods:  # the reference graph beside it: its own session and cache
             self.runtimes["ort_ref"] = load_runtime(export_dir, cfg.kv_capacity, threads, max_nodes=1, with_heads=False,
                                                     graph="reference")
-        if hydra_info is not None:  # the same base session and cache, the sequential heads
-            self.runtimes["hydra_tree"] = self.runtimes["hydra_pld"] = with_heads_of(self.rt, hydra_dir)
         self._reference = None
         self.llama = None
         if "llamacpp" in self.methods:
@@ -324,10 +343,12 @@ class Methods:
     def run(self, name: str, ids: list[int], max_new_tokens: int):
         from medusa_lib.decoding import generate
         torch = self.torch
-        if name in ORT_METHODS:
+        method = split_method(name)[0]
+        if method in ORT_METHODS:
             t = time.perf_counter()
-            out, stats = generate(self.runtimes[name], ids, None if name in PLAIN_METHODS else self.trees[name], max_new_tokens,
-                                  eos_token_ids=self.eos, **self.lookup.get(name, {}))
+            plan = name if name in self.trees else method  # a plan of its own (quantised_plans), else the method's
+            out, stats = generate(self.runtimes[name], ids, None if method in PLAIN_METHODS else self.trees[plan],
+                                  max_new_tokens, eos_token_ids=self.eos, **self.lookup.get(plan, {}))
             return out, stats.decode_s, time.perf_counter() - t, stats.tau, stats
         if name in ("hf", "hf_pld"):
             x = torch.tensor([ids], device=self.model.device)
@@ -355,6 +376,14 @@ class Methods:
             end = time.perf_counter()
             return out, end - first, end - t, 1.0, None
         raise ValueError(f"Unknown method {name!r}: choose from {ALL_METHODS}.")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two outputs share before they first differ."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def agrees(ours: list[int], ours_stopped: str | None, reference: list[int], reference_stopped: str | None) -> bool:
@@ -393,6 +422,11 @@ def _aggregate(records: list[dict]) -> dict:
     return {"prompts": len(records), "new_tokens": tokens, "decode_tok_per_s": tokens / decode if decode else 0.0,
             "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": tau,
             "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None),
+            # the lossless check: the same output as plain decoding on the same graph (ort, or ort@<weights>)
+            "identical_to_plain": sum(bool(r.get("identical_to_plain", r["identical_to_ort"])) for r in records),
+            **({"identical_to_llamacpp": sum(r["identical_to_llamacpp"] for r in records),
+                "common_prefix_with_llamacpp": float(np.mean([r["common_prefix_with_llamacpp"] for r in records]))}
+               if records and "identical_to_llamacpp" in records[0] else {}),
             "capacity_stops": sum(r.get("stopped") == "capacity" for r in records),  # replies cut for KV room
             # per step of the decoding loop: inside the base graph's run (ORT) and everything else (heads, host)
             "base_ms_per_step": 1e3 * base / steps if steps else None,
@@ -498,11 +532,31 @@ def pld_plan_file(cfg: WorkbookConfig, pld_plan: str | Path | None) -> Path | No
     return path if path.is_file() else None
 
 
+def quantised_plan_files(cfg: WorkbookConfig, methods, given: dict[str, str] | None = None) -> dict[str, Path]:
+    """hydra_pld@<weights>'s plan, per quantised graph raced: the file given for those weights, else notebook
+    06's (trees/tree_hydra_pld_<weights>.json); without one, hydra_pld's plan serves, cut to chains."""
+    given, plans = dict(given or {}), {}
+    for weights, path in given.items():
+        if weights not in WEIGHTS[1:] or not Path(path).is_file():
+            raise FileNotFoundError(f"--quantised-plan {weights}={path}: name int8 or q4 and an existing plan file "
+                                    f"(notebook 06 writes trees/tree_hydra_pld_<weights>.json).")
+        if f"hydra_pld@{weights}" not in methods:  # a plan no method reads would be silently ignored
+            raise ValueError(f"--quantised-plan {weights}=... given, but hydra_pld@{weights} is not among the methods "
+                             f"{list(methods)}: add it or leave the flag out.")
+    for name in methods:
+        method, weights = split_method(name)
+        if method == "hydra_pld" and weights != "fp32":
+            path = Path(given[weights]) if weights in given else cfg.data_dir / "trees" / f"tree_hydra_pld_{weights}.json"
+            if path.is_file():
+                plans[name] = path
+    return plans
+
+
 def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int | None = None,
                   max_new_tokens: int | None = None, methods=None, tree_file: str | None = None,
                   heads: str | None = None, threads: int | None = None, memory: bool = True,
                   progress: bool = True, hydra_tree: str | None = None, pld_plan: str | None = None,
-                  hydra_heads: str | None = None) -> dict:
+                  hydra_heads: str | None = None, quantised_plans: dict[str, str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
     limit = cfg.bench_prompts if limit is None else limit
@@ -512,9 +566,10 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                          f"max_new_tokens={max_new_tokens}).")
     threads = cfg.threads if threads is None else threads
     methods = list(methods or cfg.bench_methods)
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if not method_known(m)]
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}: choose from {ALL_METHODS}.")
+        raise ValueError(f"Unknown method(s) {unknown}: choose from {ALL_METHODS}; those of {ORT_METHODS[:1] + ORT_METHODS[2:]} "
+                         f"also on a quantised base as method@int8 or method@q4.")
     notes = []
     if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
         methods.remove("llamacpp")
@@ -523,27 +578,38 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                                               ("--hydra-tree", hydra_tree, {"hydra_tree", "hydra_pld"}),
                                               ("--pld-plan", pld_plan, {"hydra_pld"}),
                                               ("--hydra-heads", hydra_heads, {"hydra_tree", "hydra_pld"}))
-              if given and not users & set(methods)]
+              if given and not users & {split_method(m)[0] for m in methods}]
     if unused:  # a setting no chosen method reads would be silently ignored
         raise ValueError(f"{', '.join(unused)} given, but no method in {methods} uses it: add the method that reads it "
                          f"(--tree: medusa_tree; --hydra-tree, --hydra-heads: hydra_tree or hydra_pld; --pld-plan: hydra_pld) "
                          f"or leave the flag out.")
     export_dir = resolve_export_dir(cfg, heads)
-    tree_file = (Path(tree_file) if tree_file else default_tree_file(cfg)) if "medusa_tree" in methods else None
+    bases = {split_method(m)[0] for m in methods}
+    tree_file = (Path(tree_file) if tree_file else default_tree_file(cfg)) if "medusa_tree" in bases else None
     hydra_dir = hydra_tree_file = pld_file = None
-    if {"hydra_tree", "hydra_pld"} & set(methods):
+    if {"hydra_tree", "hydra_pld"} & bases:
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
-        pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in methods else None
-    for export, files in ((export_dir, [tree_file]), (hydra_dir, [hydra_tree_file, pld_file])):
+        pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in bases else None
+    made = read_json(export_dir / "export_info.json")
+    files, quantised_info = made["files"], made.get("quantised", {})
+    for weights in sorted({split_method(m)[1] for m in methods} - {"fp32"}):  # a graph the export lacks is skipped, said
+        if not files.get(f"base_fast_{weights}"):
+            skipped = [m for m in methods if split_method(m)[1] == weights]
+            methods = [m for m in methods if m not in skipped]
+            why = quantised_info.get(weights, {}).get("skipped", "exported before quantised graphs existed; re-export")
+            notes.append(f"{', '.join(skipped)} skipped: {portable(export_dir)} has no {weights} graph ({why}).")
+    q_plans = quantised_plan_files(cfg, methods, quantised_plans)
+    for export, files in ((export_dir, [tree_file]), (hydra_dir, [hydra_tree_file, pld_file, *q_plans.values()])):
         made = read_json(export / "export_info.json").get("heads_fingerprint") if export else None
         for file in (f for f in files if f is not None and Path(f).is_file()):
             check_sized_for(file, made)  # a tree or plan sized for heads trained again since is refused
-    if "ort" not in methods:
-        methods.insert(0, "ort")
+    for plain in dict.fromkeys(plain_of(m) for m in ["ort", *methods]):  # each graph's plain decoding judges its methods
+        if plain not in methods:
+            methods.insert(0 if plain == "ort" else methods.index("ort") + 1, plain)
     if questions is None:
         questions = questions_path(cfg.bench_questions)
     qs = load_questions(questions, cfg, limit)
-    runner = Methods(cfg, methods, export_dir, tree_file, threads, hydra_dir, hydra_tree_file, pld_file)
+    runner = Methods(cfg, methods, export_dir, tree_file, threads, hydra_dir, hydra_tree_file, pld_file, q_plans)
     warm = prompt_ids(runner.tokenizer, {"turns": ["Hello!"]})
     for name in methods:  # warm-up, excluded from timing
         runner.run(name, warm, 8)
@@ -567,7 +633,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
                                      "tokens": out, "steps": stats.steps if stats else None,
                                      "base_s": stats.base_s if stats else None, "stopped": stats.stopped if stats else None})
-            if name in ORT_METHODS and name not in PLAIN_METHODS and stats is not None:
+            if split_method(name)[0] in ORT_METHODS and split_method(name)[0] not in PLAIN_METHODS and stats is not None:
                 for k, v in stats.split_s.items():
                     split[name][k] += v
                 split[name]["python"] += stats.python_s
@@ -575,11 +641,17 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             bar.update(1)
         for name in methods:
             record_ = per_method[name][-1]
-            same = agrees(outputs[name], record_["stopped"], outputs["ort"], per_method["ort"][-1]["stopped"])
-            record_["identical_to_ort"] = same
-            if not same:
+            for other, key in (("ort", "identical_to_ort"), (plain_of(name), "identical_to_plain"), ("llamacpp", "identical_to_llamacpp")):
+                if other in outputs:
+                    record_[key] = agrees(outputs[name], record_["stopped"], outputs[other], per_method[other][-1]["stopped"])
+            if "llamacpp" in outputs:
+                record_["common_prefix_with_llamacpp"] = common_prefix(outputs[name], outputs["llamacpp"])
+            if not record_["identical_to_plain"] and split_method(name)[1] == "fp32":
                 divergences.append({"method": name, "question_id": q["question_id"],
                                     **divergence(runner.reference_model(), ids, outputs[name], outputs["ort"])})
+            elif not record_["identical_to_plain"]:  # a quantised graph: no fp32 model judges its near-ties
+                divergences.append({"method": name, "question_id": q["question_id"], "from_token": common_prefix(
+                    outputs[name], outputs[plain_of(name)])})
     bar.close()
     mem = {}
     if memory:
@@ -600,21 +672,31 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                            "hydra_tree_file": portable(hydra_tree_file),
                            "hydra_tree_nodes": runner.trees["hydra_tree"].size if hydra_tree_file else None,
                            "hydra_pld_plan": portable(pld_file),
+                           "quantised_plans": {name: portable(path) for name, path in q_plans.items()},
                            "plans": {name: {k: (v.size if k == "lookup_tree" else dataclasses.asdict(v) if k.endswith("rule") else v)
-                                            for k, v in plan.items()} for name, plan in runner.lookup.items() if name in methods}}}
+                                            for k, v in plan.items()} for name, plan in runner.lookup.items() if name in bases}}}
     uses = {"ort": {"export": portable(export_dir), "graph": runner.rt.graph},
             "ort_ref": {"export": portable(export_dir), "graph": "reference"},
             "medusa_chain": {"export": portable(export_dir), "tree": f"chain of {runner.info['num_heads']}"},
             "medusa_tree": {"export": portable(export_dir), "tree": portable(tree_file)},
             "hydra_tree": {"export": portable(hydra_dir), "tree": portable(hydra_tree_file)},
-            "hydra_pld": {"export": portable(hydra_dir), "plan": portable(pld_file) or portable(hydra_tree_file)}}
+            "hydra_pld": {"export": portable(hydra_dir), "plan": portable(pld_file) or portable(hydra_tree_file)},
+            "llamacpp": {"gguf": "the embedded base's GGUF file", "build": "make llamacpp (portable AVX2 build)"}}
+    for name in methods:  # a quantised graph's methods: the same plan, chains only (decoding.generate)
+        method, weights = split_method(name)
+        if weights != "fp32":
+            uses[name] = {**uses[method], "graph": "fast", "weights": weights,
+                          "weight_error": runner.info.get("quantised", {}).get(weights),
+                          **({} if method in PLAIN_METHODS else {"decodes": "each step's tree cut to a chain"}),
+                          **({"plan": portable(q_plans[name])} if name in q_plans else {})}
     if not per_method["ort"]:
         raise ValueError(f"No prompt fits kv_capacity={cfg.kv_capacity}: " + " ".join(notes))
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
+        plain_speed = _aggregate(per_method[plain_of(name)])["decode_tok_per_s"]
         agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / base_speed if base_speed else None,
-                   uses=uses.get(name))
+                   speedup_vs_plain=agg["decode_tok_per_s"] / plain_speed if plain_speed else None, uses=uses.get(name))
         result["methods"][name] = agg
     for cat in sorted({r["category"] for r in per_method["ort"]}):
         result["categories"][cat] = {}
@@ -624,7 +706,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / ort_cat if ort_cat else None)
             result["categories"][cat][name] = agg
     result["accept_lens"] = {n: sum((r["accept_lens"] or [] for r in per_method[n]), []) for n in methods
-                             if n in ORT_METHODS and n not in PLAIN_METHODS}
+                             if split_method(n)[0] in ORT_METHODS and split_method(n)[0] not in PLAIN_METHODS}
     return result
 
 
@@ -640,10 +722,17 @@ def default_tree_file(cfg: WorkbookConfig, sequential: bool = False) -> Path:
 
 def results_table(result: dict):
     import pandas as pd
-    cols = ["prompts", "new_tokens", "decode_tok_per_s", "e2e_tok_per_s", "peak_rss_mb", "tau", "speedup_vs_ort", "identical_to_ort",
-            "base_ms_per_step", "host_ms_per_step"]
+    cols = ["prompts", "new_tokens", "decode_tok_per_s", "e2e_tok_per_s", "peak_rss_mb", "tau", "speedup_vs_ort", "speedup_vs_plain",
+            "identical_to_plain", "identical_to_ort", "identical_to_llamacpp", "base_ms_per_step", "host_ms_per_step"]
     frame = pd.DataFrame(result["methods"]).T
     return frame[[c for c in cols if c in frame]]  # results files written before a column existed lack it
+
+
+def _pairs(flag: str, values: list[str] | None) -> dict[str, str]:
+    bad = [v for v in values or [] if "=" not in v]
+    if bad:
+        raise ValueError(f"{flag} {bad[0]}: write WEIGHTS=FILE, e.g. {flag} q4=data/full/trees/tree_hydra_pld_q4.json.")
+    return dict(v.split("=", 1) for v in values or [])
 
 
 def main(argv=None) -> None:
@@ -656,6 +745,8 @@ def main(argv=None) -> None:
     p.add_argument("--hydra-tree", help="hydra_tree's tree file, with its 'rule' section if any (default: "
                    "data/<preset>/trees/tree_hydra*.json)")
     p.add_argument("--pld-plan", help="hydra_pld's tree file with a 'lookup' section (default: trees/tree_hydra_pld_device.json)")
+    p.add_argument("--quantised-plan", action="append", metavar="WEIGHTS=FILE", help="hydra_pld@WEIGHTS's plan (default: "
+                   "trees/tree_hydra_pld_<weights>.json from notebook 06), e.g. q4=data/full/trees/tree_hydra_pld_q4.json")
     p.add_argument("--threads", type=int); p.add_argument("--out"); p.add_argument("--no-memory", action="store_true")
     p.add_argument("--hydra-heads", help="sequential heads checkpoint or export folder (default: data/<preset>/hydra)")
     p.add_argument("--heads-from", help="a data folder of another preset (e.g. data/full): benchmark its trained heads with this "
@@ -672,18 +763,21 @@ def main(argv=None) -> None:
         raise ValueError(f"--methods is empty: name at least one of {ALL_METHODS}, or leave the flag out for the preset's methods.")
     result = run_benchmark(cfg, a.questions, a.limit, a.max_new_tokens, a.methods.split(",") if a.methods else None,
                            a.tree, a.heads, a.threads, memory=not a.no_memory, hydra_tree=a.hydra_tree, pld_plan=a.pld_plan,
-                           hydra_heads=a.hydra_heads)
+                           hydra_heads=a.hydra_heads,
+                           quantised_plans=_pairs("--quantised-plan", a.quantised_plan))
     if a.heads_from:
         result["settings"]["heads_from"] = portable(a.heads_from)
-    if a.cost_curve:  # the graph decoding used, then the reference graph beside it, one at a time
+    if a.cost_curve:  # the graph decoding used, the reference graph, and each quantised graph raced, one at a time
         from medusa_lib.decoding import load_runtime
-        for key, graph in (("", cfg.base_graph), ("_reference", "reference")):
+        raced = sorted({split_method(m)[1] for m in result["methods"]} - {"fp32"})
+        for key, graph, weights in (("", cfg.base_graph, "fp32"), ("_reference", "reference", "fp32"),
+                                    *((f"@{w}", "auto", w) for w in raced)):
             rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,
-                              max_nodes=max(cfg.cost_curve_sizes), with_heads=False, graph=graph)
+                              max_nodes=max(cfg.cost_curve_sizes), with_heads=False, graph=graph, weights=weights)
             result[f"cost_curve_ms{key}"] = {T: round(s * 1e3, 3) for T, s in verify_cost_curve(rt, cfg.cost_curve_sizes).items()}
             result[f"prefix_cost_ms{key}"] = prefix_cost(rt)
-            print(f"ms per verification pass ({rt.graph} graph):", result[f"cost_curve_ms{key}"])
-            print(f"ms per pass of 1 and 8 tokens by cached tokens ({rt.graph} graph):", result[f"prefix_cost_ms{key}"])
+            print(f"ms per verification pass ({rt.graph} graph, {weights}):", result[f"cost_curve_ms{key}"])
+            print(f"ms per pass of 1 and 8 tokens by cached tokens ({rt.graph} graph, {weights}):", result[f"prefix_cost_ms{key}"])
             del rt
     import pandas as pd
     with pd.option_context("display.width", 160, "display.max_columns", 20):

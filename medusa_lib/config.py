@@ -77,6 +77,8 @@ class WorkbookConfig:
     kv_capacity: int = 2048  # tokens the preallocated KV cache holds (prompt + reply + tree)
     base_graph: str = "auto"  # "auto": the fast graph (fast_graph.py) where it runs, else the reference graph, saying
     # why; "fast" (or an error); "reference": export.TreeStep, the graph notebook 04 teaches (docs/engine.md)
+    weights: str = "fp32"  # the base's weights in decoding (quant.py): "fp32" (exact, the reference), "int8" (8-bit
+    # blocks, any base) or "q4" (the GGUF's 4-bit blocks); the quantised ones run on the fast graph, decode chains only
     threads: int = 0  # ORT intra-op threads (0 = ORT's default: one per core)
     # --- benchmark (notebook 06) -------------------------------------------------------------
     bench_questions: str | None = None  # question.jsonl (Spec-Bench / MT-bench format); None = the held-out ShareGPT prompts
@@ -85,8 +87,10 @@ class WorkbookConfig:
     sizing_prompts: int = 26
     bench_prompts: int = 24
     bench_max_new_tokens: int = 128
-    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
-    # ort: plain greedy on the base graph decoding uses (base_graph); ort_ref: on the reference graph, beside it
+    bench_methods: tuple[str, ...] = ("hf", "hf_pld", "ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld",
+                                      "ort@int8", "ort@q4", "hydra_pld@int8", "hydra_pld@q4", "llamacpp")
+    # ort: plain greedy on the base graph decoding uses (base_graph); ort_ref: on the reference graph, beside it;
+    # method@int8, method@q4: on the quantised fast graph (quant.py); llamacpp: llama.cpp on the same GGUF, if installed
     cost_curve_sizes: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)  # every small T: on 2 AMD cores a
     # pass cost 40-43 ms for T = 1..5 and 52 at T = 6 (measured); linear interpolation from 4 to 8 would hide that step
     figures_dir: str | None = None  # where the notebooks save figures; None = static/<preset> (the README shows static/full)
@@ -109,11 +113,26 @@ class WorkbookConfig:
 # One validation for every field: its type, then its range or its choices, named in the message.
 
 BENCH_METHODS = ("hf", "hf_pld", "ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld", "llamacpp")
+QUANTISED_METHODS = ("ort", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")  # may take "@int8" or "@q4"
+WEIGHTS = ("fp32", "int8", "q4")
+
+
+def split_method(name: str) -> tuple[str, str]:
+    """A benchmark method's name -> (method, weights): "hydra_pld@q4" -> ("hydra_pld", "q4"), "ort" -> ("ort", "fp32")."""
+    method, _, weights = name.partition("@")
+    return method, weights or "fp32"
+
+
+def method_known(name: str) -> bool:
+    method, weights = split_method(name)
+    if "@" not in name:
+        return method in BENCH_METHODS
+    return method in QUANTISED_METHODS and weights in WEIGHTS[1:]
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16", "float16"),
     "head_output": ("shared", "own"), "token_inputs": ("none", "root", "path"), "head_target": ("hard", "soft"),
     "label_source": ("greedy", "base", "data"), "train_precision": ("auto", "bf16", "fp32"),
-    "export_dtype": ("float32", "float16"), "base_graph": ("auto", "fast", "reference"),
+    "export_dtype": ("float32", "float16"), "base_graph": ("auto", "fast", "reference"), "weights": WEIGHTS,
 }
 AT_LEAST = {  # whole numbers and their least value (0 where 0 means "off" or "all")
     "max_records": 0, "min_eval_records": 0, "max_length": 2, "seed": 0, "distill_train_records": 0,
@@ -159,8 +178,9 @@ def _check_field(name: str, value) -> list[str]:
         ok = isinstance(value, tuple) and value and all(whole(v) and v >= 1 for v in value)
         return [] if ok else [f"cost_curve_sizes must be a non-empty list of whole numbers >= 1, not {value!r}"]
     if name == "bench_methods":
-        ok = isinstance(value, tuple) and value and all(isinstance(v, str) and v in BENCH_METHODS for v in value)
-        return [] if ok else [f"bench_methods must be a non-empty list from {BENCH_METHODS}, not {value!r}"]
+        ok = isinstance(value, tuple) and value and all(isinstance(v, str) and method_known(v) for v in value)
+        return [] if ok else [f"bench_methods must be a non-empty list from {BENCH_METHODS} (those of {QUANTISED_METHODS} "
+                              f"also as method@int8 or method@q4), not {value!r}"]
     return [f"{name} has no check: add it to config.py's validation"]
 
 

@@ -34,6 +34,7 @@ import onnx
 import torch
 from torch import nn
 
+from medusa_lib.fast_graph import FAST_GRAPH_VERSION
 from medusa_lib.files import folder_lock, write_json
 from medusa_lib.heads import MedusaHeads
 
@@ -265,7 +266,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         config = heads.config if heads is not None else None
         info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
                           "base_fast_skipped": fast_note, **quantised_files}, "fast_graph": fast_note or "written",
-                "quantised": quantised_info, "topk": topk,
+                "quantised": quantised_info, "fast_graph_version": FAST_GRAPH_VERSION, "topk": topk,
                 "dtype": "float16" if fp16 else "float32", "num_layers": layers,
                 "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
                 "vocab_size": model.get_output_embeddings().weight.shape[0],
@@ -380,7 +381,8 @@ def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
         from medusa_lib.heads import checkpoint_fingerprint
         folder, current = heads / "onnx", checkpoint_fingerprint(heads)
         made = read_export_info(folder) if (folder / INFO_FILE).is_file() else None
-        wanted = {"heads_fingerprint": current, "topk": cfg.topk, "dtype": "float16" if export_fp16(cfg) else "float32"}
+        wanted = {"heads_fingerprint": current, "topk": cfg.topk, "dtype": "float16" if export_fp16(cfg) else "float32",
+                  "fast_graph_version": FAST_GRAPH_VERSION}
         stale = made is not None and {k: made.get(k) for k in wanted} != wanted
         if made is None or stale:  # none yet, or made from heads trained again since (or other export settings)
             from medusa_lib.base import load_base

@@ -45,6 +45,7 @@ from medusa_lib.quant import ACCURACY_LEVEL, BLOCK, concat
 FAST_FILE = "base_fast.onnx"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+FAST_GRAPH_VERSION = 2  # 2: the attention's spare row, and the quantised graphs beside it (exports record it)
 SPARE_ROWS = 1  # cache rows after the last token that a pass may write (the attention's spare row)
 MAX_POSITIONS = 8192  # rotary tables' rows: the largest KV capacity the fast graph serves (unless the base has fewer)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusa_lib.decoding import generate, load_runtime, parity_report, run_base, verify
+from medusa_lib.decoding import generate, load_runtime, parity_report, prefill, run_base, verify
 from medusa_lib.export import causal_bias, export_medusa
 from medusa_lib.fast_graph import FAST_FILE, build_fast_graph, fast_graph_problem
 from medusa_lib.heads import HeadsConfig, MedusaHeads
@@ -102,6 +102,21 @@ def test_greedy_medusa_equals_plain_greedy_on_the_fast_graph(tiny_llama, kind, m
             assert medusa == plain, (kind, prompt, kwargs)
             accepted += sum(stats.accept_lens)
     assert accepted > 0  # acceptance and compaction in the head-major cache were exercised
+
+
+def test_a_chain_pass_computes_each_row_bit_for_bit_as_one_token_passes(medusa1_export):
+    """The attention's spare row (fast_graph.py): a token's logits, hidden state and cache rows do not
+    depend on how many tokens share its pass, so a chain of drafts verified at once is plain decoding."""
+    rt = load_runtime(medusa1_export, capacity=256, max_nodes=16, graph="fast")
+    prompt, chain = np.array(PROMPTS[1]), np.array([3, 14, 15, 92, 65, 35])
+    n, T = len(prompt), len(chain)
+    prefill(rt, prompt)
+    logits, hidden = (x.clone() for x in run_base(rt, chain, np.arange(n, n + T), causal_bias(n, T), n))
+    rows = rt.token_rows()[:, n:n + T].clone()
+    for i in range(T):  # the same tokens again, one pass each, over the rows just written
+        one_logits, one_hidden = run_base(rt, chain[i:i + 1], np.array([n + i]), causal_bias(n + i, 1), n + i)
+        assert torch.equal(one_logits[0], logits[i]) and torch.equal(one_hidden[0], hidden[i]), i
+    assert torch.equal(rt.token_rows()[:, n:n + T], rows)
 
 
 def test_the_fast_graph_serves_steps_from_bindings_made_once_per_width(medusa1_export):

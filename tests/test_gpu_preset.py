@@ -35,12 +35,14 @@ def test_every_notebook_runs_with_the_gpu_preset_at_tiny_sizes(tmp_path, monkeyp
     info = json.loads((tmp_path / "data" / "gpu" / "onnx" / "export_info.json").read_text())
     assert info["dtype"] == "float16"
     results = json.loads((tmp_path / "data" / "gpu" / "bench" / "results.json").read_text())
-    assert all(m["identical_to_ort"] == m["prompts"] for m in results["methods"].values())  # lossless on the fp16 graph
+    assert all(m["identical_to_plain"] == m["prompts"] for name, m in results["methods"].items()
+               if name != "llamacpp")  # lossless on the fp16 graph (llama.cpp, when installed, is another program)
     text = (tmp_path / "data" / "gpu" / "bench" / "results.json").read_text()
     assert str(tmp_path) not in text and not any(p in text for p in ('"/tmp/', '"/root/', '"/home/', '"/work/'))  # paths inside the clone
     assert results["machine"]["cpu_model"] and isinstance(results["machine"]["cpu_flags"], list)
     assert results["machine"]["base_graph"] == "reference"  # fp16 export: the fast graph is fp32 only, said and fallen back
-    assert all(m["uses"]["export"].startswith("data/gpu/") for m in results["methods"].values() if m.get("uses"))
+    assert all(m["uses"]["export"].startswith("data/gpu/") for name, m in results["methods"].items()
+               if m.get("uses") and name != "llamacpp")  # llama.cpp reads the GGUF file itself
     assert results["methods"]["ort_ref"]["uses"]["graph"] == "reference"  # what each method ran is recorded
     assert any(Path(tmp_path / "figures").glob("06_*.png"))  # figures went where the config said, not to static/
     # a prompt too long for the KV cache is skipped before any method runs, named; the other prompts are kept
