@@ -42,9 +42,12 @@ PLAIN_METHODS = ("ort", "ort_ref")  # one token a pass, no tree
 # against "ort@q4", plain decoding on that same graph (added to the run when missing).
 
 
-def plain_of(name: str) -> str:
-    """The plain method on the same graph as `name`: what its output must equal ("ort" or "ort@<weights>")."""
+def plain_of(name: str) -> str | None:
+    """The plain method on the same graph as an ORT method `name`: what its output must equal ("ort" or
+    "ort@<weights>"); None for the peers (hf, hf_pld, llamacpp), which run other programs."""
     method, weights = split_method(name)
+    if method not in ORT_METHODS:
+        return None
     return "ort" if weights == "fp32" else f"ort@{weights}"
 PLD_TOKENS = 10  # prompt_lookup_num_tokens for hf_pld
 
@@ -423,7 +426,8 @@ def _aggregate(records: list[dict]) -> dict:
             "e2e_tok_per_s": tokens / e2e if e2e else 0.0, "tau": tau,
             "identical_to_ort": sum(r["identical_to_ort"] for r in records if r["identical_to_ort"] is not None),
             # the lossless check: the same output as plain decoding on the same graph (ort, or ort@<weights>)
-            "identical_to_plain": sum(bool(r.get("identical_to_plain", r["identical_to_ort"])) for r in records),
+            "identical_to_plain": (sum(r["identical_to_plain"] for r in records)
+                                   if records and "identical_to_plain" in records[0] else None),
             **({"identical_to_llamacpp": sum(r["identical_to_llamacpp"] for r in records),
                 "common_prefix_with_llamacpp": float(np.mean([r["common_prefix_with_llamacpp"] for r in records]))}
                if records and "identical_to_llamacpp" in records[0] else {}),
@@ -603,7 +607,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         made = read_json(export / "export_info.json").get("heads_fingerprint") if export else None
         for file in (f for f in files if f is not None and Path(f).is_file()):
             check_sized_for(file, made)  # a tree or plan sized for heads trained again since is refused
-    for plain in dict.fromkeys(plain_of(m) for m in ["ort", *methods]):  # each graph's plain decoding judges its methods
+    for plain in dict.fromkeys(plain_of(m) for m in ["ort", *methods] if plain_of(m)):  # each graph's plain decoding judges its methods
         if plain not in methods:
             methods.insert(0 if plain == "ort" else methods.index("ort") + 1, plain)
     if questions is None:
@@ -646,10 +650,10 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                     record_[key] = agrees(outputs[name], record_["stopped"], outputs[other], per_method[other][-1]["stopped"])
             if "llamacpp" in outputs:
                 record_["common_prefix_with_llamacpp"] = common_prefix(outputs[name], outputs["llamacpp"])
-            if not record_["identical_to_plain"] and split_method(name)[1] == "fp32":
+            if not record_.get("identical_to_plain", record_["identical_to_ort"]) and split_method(name)[1] == "fp32":
                 divergences.append({"method": name, "question_id": q["question_id"],
                                     **divergence(runner.reference_model(), ids, outputs[name], outputs["ort"])})
-            elif not record_["identical_to_plain"]:  # a quantised graph: no fp32 model judges its near-ties
+            elif not record_.get("identical_to_plain", True):  # a quantised graph: no fp32 model judges its near-ties
                 divergences.append({"method": name, "question_id": q["question_id"], "from_token": common_prefix(
                     outputs[name], outputs[plain_of(name)])})
     bar.close()
@@ -694,7 +698,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     base_speed = _aggregate(per_method["ort"])["decode_tok_per_s"]
     for name in methods:
         agg = _aggregate(per_method[name])
-        plain_speed = _aggregate(per_method[plain_of(name)])["decode_tok_per_s"]
+        plain_speed = _aggregate(per_method[plain_of(name)])["decode_tok_per_s"] if plain_of(name) else None
         agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / base_speed if base_speed else None,
                    speedup_vs_plain=agg["decode_tok_per_s"] / plain_speed if plain_speed else None, uses=uses.get(name))
         result["methods"][name] = agg
