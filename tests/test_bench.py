@@ -279,3 +279,28 @@ def test_trees_plans_and_exports_sized_for_other_heads_are_refused(tmp_path, mon
     (ckpt / "heads.safetensors").write_bytes(b"v2")
     with pytest.raises(ValueError, match="onnx was exported from other heads than .* holds now.*notebook 04"):
         resolve_export_dir(cfg)
+
+
+def test_a_method_on_a_quantised_graph_is_judged_against_plain_decoding_on_that_graph(tmp_path):
+    from medusa_lib.bench import _pairs, plain_of, quantised_plan_files
+    from medusa_lib.config import method_known, split_method
+    assert split_method("hydra_pld@q4") == ("hydra_pld", "q4") and split_method("ort") == ("ort", "fp32")
+    assert plain_of("hydra_pld@q4") == "ort@q4" and plain_of("medusa_tree") == "ort" and plain_of("llamacpp") is None
+    assert method_known("ort@int8") and not method_known("ort_ref@q4") and not method_known("llamacpp@q4")
+    with pytest.raises(ValueError, match="write WEIGHTS=FILE"):
+        _pairs("--quantised-plan", ["data/full/trees/tree_hydra_pld_q4.json"])
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    with pytest.raises(ValueError, match="hydra_pld@q4 is not among the methods"):  # a plan no method reads
+        quantised_plan_files(get_config("tiny"), ["ort", "ort@q4"], {"q4": str(plan)})
+    assert quantised_plan_files(get_config("tiny"), ["hydra_pld@q4"], {"q4": str(plan)}) == {"hydra_pld@q4": plan}
+
+
+def test_chain_plans_for_a_quantised_graph_are_chains_with_the_root_alone_on_lookup_steps():
+    rank_acc = rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.85, 0.9], [0.5, 0.6, 0.7, 0.8, 0.85]]))
+    cost = {1: 0.010, 2: 0.013, 3: 0.016, 4: 0.019, 8: 0.031}  # each token of a pass dear, as on a quantised CPU graph
+    best, per_budget = choose_plan([synthetic_replay()] * 3, rank_acc, cost, 0.001, True, (0, 2), chains=True)
+    assert len(per_budget) == 3  # no deeper than the heads
+    for option in per_budget:
+        assert option["paths"] == [[0] * d for d in range(1, option["nodes"])]  # the top-ranked chain of its depth
+        assert option["rule"] is None and option["lookup_paths"] in (None, [])

@@ -30,6 +30,9 @@ BAD = [  # (override, what the message must say): each was accepted, or failed l
     ({"int8_heads": 1}, "int8_heads must be true or false, not 1"),
     ({"loss_decay": 0}, "loss_decay must be 0 < x <= 1, not 0"),
     ({"base_graph": "quick"}, "base_graph must be 'auto', 'fast' or 'reference', not 'quick'"),
+    ({"weights": "q2"}, "weights must be 'fp32', 'int8' or 'q4', not 'q2'"),
+    ({"bench_methods": ("ort_ref@q4",)}, "bench_methods must be a non-empty list"),
+    ({"bench_methods": ("hydra_pld@fp16",)}, "bench_methods must be a non-empty list"),
     ({"data_file": ""}, "data_file must be a path or null"),
 ]
 
