@@ -624,10 +624,17 @@ def read_log(folder: str | Path):
     return pd.read_csv(path)
 
 
-def finished_runs(cfg: WorkbookConfig) -> dict[str, Path]:
-    """Every run of this preset with a log: the main one, the sequential heads, and runs/*."""
-    folders = [cfg.data_dir / "heads", cfg.data_dir / "hydra", *sorted((cfg.data_dir / "runs").glob("*"))]
-    return {f.name: f for f in folders if (f / "log.csv").is_file()}
+WIDGET_MARK = "made_by_widget"  # a file in a run folder trained from notebook 02's widget
+
+
+def finished_runs(cfg: WorkbookConfig, every: bool = False) -> dict[str, Path]:
+    """The runs of this preset with a log, by the names the notebooks use: "Medusa-1" (heads_dir: heads/
+    for the preset as it is), "sequential" (hydra/) and the runs trained from the widget (runs/<what
+    differs>); with `every`, also the runs that command lines and sweeps left under runs/."""
+    main = {"Medusa-1": heads_dir(cfg), "sequential": run_dir(hydra_config(cfg))}  # heads/ and hydra/ as the preset is
+    others = {f.name: f for f in sorted((cfg.data_dir / "runs").glob("*"))
+              if (every or (f / WIDGET_MARK).is_file()) and f not in main.values()}
+    return {name: f for name, f in {**main, **others}.items() if (f / "log.csv").is_file()}
 
 
 def train_job(cfg: WorkbookConfig) -> None:

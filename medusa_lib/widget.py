@@ -1,4 +1,5 @@
-"""The run-comparison widget of notebook 02: choose settings, press Train, see every run overlaid;
+"""The run-comparison widget of notebook 02: choose settings (the paper's Medusa-1 heads by default),
+press Train, see the losses and a metric of the main runs and of the runs trained here overlaid;
 and notebook 03's curve explorer (`runs_explorer`: a metric menu and a smoothing slider).
 
 A click trains `click_config(...)` into its own folder, `train.run_dir` (data/<preset>/runs/<what
@@ -11,6 +12,8 @@ widget's output area; the button is disabled while a run trains.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from medusa_lib.config import HYDRA, WorkbookConfig
 
@@ -26,18 +29,33 @@ def click_config(cfg: WorkbookConfig, num_heads: int, num_layers: int, token_inp
                        train_steps=train_steps)
 
 
+def train_clicked(run_cfg: WorkbookConfig, model, tokenizer, caches: dict, on_eval=None) -> dict:
+    """Train one click's settings (train.run_training) and mark the folder as the widget's, so the
+    overlay shows it beside the main runs (train.finished_runs)."""
+    from medusa_lib import train
+
+    result = train.run_training(run_cfg, model, tokenizer, caches=caches, on_eval=on_eval)
+    (Path(result["out_dir"]) / train.WIDGET_MARK).touch()
+    return result
+
+
+def plot_losses_and(logs: dict, metric: str):
+    """Two figures for an overlay: each head's loss (eval solid, train dashed), then `metric`."""
+    from medusa_lib.plotting import plot_runs
+    return plot_runs(logs, "loss", with_train=True), plot_runs(logs, metric)
+
+
 def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int, metric: str = "cacc@1"):
     """Sliders, a Train button and an output area (an ipywidgets VBox; `.button` and `.output` are
-    reachable as attributes for scripted clicks)."""
+    reachable as attributes for scripted clicks). The sliders start at the paper's Medusa-1 heads."""
     import ipywidgets as W
     from IPython.display import clear_output, display
 
-    from medusa_lib.plotting import plot_runs
-    from medusa_lib.train import finished_runs, read_log, run_training, training_time
+    from medusa_lib.train import finished_runs, read_log, training_time
 
     sliders = dict(num_heads=W.IntSlider(cfg.num_heads, 1, 5, description="heads"),
                    num_layers=W.IntSlider(cfg.num_layers, 1, 3, description="layers/head"),
-                   token_inputs=W.Dropdown(options=list(SEES), value="path", description="sees"),
+                   token_inputs=W.Dropdown(options=list(SEES), value="none", description="sees"),
                    lr=W.FloatLogSlider(cfg.lr, base=10, min=-4, max=-2, description="lr"),
                    train_steps=W.IntText(steps, description="steps"))
     button, out = W.Button(description="Train", button_style="primary"), W.Output()
@@ -46,16 +64,16 @@ def train_widget(cfg: WorkbookConfig, model, tokenizer, caches: dict, steps: int
         import matplotlib.pyplot as plt
         with out:
             clear_output(wait=True)
-            fig = plot_runs({name: read_log(folder) for name, folder in finished_runs(cfg).items()}, metric)
-            display(fig)
-            plt.close(fig)
+            for fig in plot_losses_and({name: read_log(folder) for name, folder in finished_runs(cfg).items()}, metric):
+                display(fig)
+                plt.close(fig)
 
     def on_train(_):
         button.disabled = True
         try:
             run_cfg = click_config(cfg, **{name: s.value for name, s in sliders.items()})
             with out:
-                result = run_training(run_cfg, model, tokenizer, caches=caches, on_eval=show_runs)
+                result = train_clicked(run_cfg, model, tokenizer, caches, on_eval=show_runs)
             show_runs()
             with out:
                 print(f"{training_time(result)} -> {result['out_dir']}")

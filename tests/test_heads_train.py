@@ -335,7 +335,12 @@ def test_a_widget_click_trains_its_own_run_and_leaves_the_main_run_untouched(tmp
     assert {p.name: p.read_bytes() for p in heads_dir(cfg).iterdir()} == main
     clicked = run_dir(click_config(cfg, 2, cfg.num_layers, "none", cfg.lr, 10))
     assert clicked.parent.name == "runs" and (clicked / "log.csv").is_file()
-    assert set(finished_runs(cfg)) == {heads_dir(cfg).name, clicked.name}  # what the overlay plots
+    assert finished_runs(cfg) == {"Medusa-1": heads_dir(cfg), clicked.name: clicked}  # what the overlay plots
+    scripted = run_dir(cfg.replace(num_heads=1, train_steps=4))  # a run a command line made: listed on request only
+    run_training(cfg.replace(num_heads=1, train_steps=4), tiny_llama, None, caches=caches, out_dir=scripted, progress=False)
+    assert scripted.name not in finished_runs(cfg) and finished_runs(cfg, every=True)[scripted.name] == scripted
+    assert box.sliders["token_inputs"].options[0] == "none" and train_widget(cfg, tiny_llama, None, caches, 10).sliders[
+        "token_inputs"].value == "none"  # the widget starts at the paper's Medusa-1 heads
 
 
 def test_the_curve_explorer_redraws_into_its_output_without_capturing():
