@@ -292,15 +292,15 @@ def _export_quantised(model, work: Path, sets: tuple[str, ...], base_model: str)
 
     from medusa_lib.base import gguf_source
     from medusa_lib.fast_graph import export_fast_base
-    from medusa_lib.quant import NoQ4Blocks
+    from medusa_lib.quant import NoQ4Blocks, NoQuantisedGraph
 
     files, reports = {}, {}
     for weights in sets:
         try:
             path, report = export_fast_base(model, work, weights=weights, gguf_path=gguf_source(base_model))
-        except NoQ4Blocks as err:  # said out loud where a GGUF was given; a base from Hugging Face has no Q4_1 blocks
-            if gguf_source(base_model) is not None:
-                warnings.warn(f"No q4 graph: {err}", stacklevel=3)
+        except NoQuantisedGraph as err:  # said out loud, except a base from Hugging Face having no Q4_1 blocks
+            if not isinstance(err, NoQ4Blocks) or gguf_source(base_model) is not None:
+                warnings.warn(f"No {weights} graph: {err}", stacklevel=3)
             reports[weights] = {"skipped": str(err)}
             continue
         files[f"base_fast_{weights}"] = path.name

@@ -86,7 +86,7 @@ def _make(bits: int, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Bl
 def _split(w: np.ndarray) -> np.ndarray:
     n, k = w.shape
     if k % BLOCK:
-        raise ValueError(f"A weight with {k} inputs does not split into blocks of {BLOCK}: no quantised graph for it.")
+        raise NoQuantisedGraph(f"a weight with {k} inputs does not split into blocks of {BLOCK}")
     return w.astype(np.float32).reshape(n, k // BLOCK, BLOCK)
 
 
@@ -201,7 +201,11 @@ def take_rows(blocks: Blocks, order: np.ndarray) -> Blocks:
     return Blocks(blocks.bits, blocks.packed[order], blocks.scales[order], blocks.zero_points[order])
 
 
-class NoQ4Blocks(ValueError):
+class NoQuantisedGraph(ValueError):
+    """This base cannot have this quantised graph (the export skips it and says why)."""
+
+
+class NoQ4Blocks(NoQuantisedGraph):
     """No Q4_1 blocks for this base: not loaded from a GGUF, a GGUF of another type (Q5_K, Q8_0, ...), or a
     GGUF of another model. The export skips the q4 graph and says why; the int8 set serves instead."""
 
@@ -224,13 +228,14 @@ class QuantisedWeights:
         if weights == "q4":
             if gguf_path is None:
                 raise NoQ4Blocks("weights='q4' takes the 4-bit blocks of a GGUF file, and this base was not loaded from "
-                                    "one: use weights='int8' (any base) or load the base from its .gguf file.")
+                                 "one: use weights='int8' (any base) or load the base from its .gguf file.")
             self.gguf_path = Path(gguf_path)
             self.tensors = read_gguf_blocks(gguf_path)
-            kinds = {kind for name, (kind, _) in self.tensors.items() if name.startswith("blk.") and "_norm" not in name}
+            kinds = {kind for name, (kind, _) in self.tensors.items()  # the projections' weights (not norms, not biases)
+                     if name.startswith("blk.") and name.split(".")[2] in GGUF_NAMES.values() and name.endswith(".weight")}
             if kinds - {GGUF_Q4_1}:
                 raise NoQ4Blocks(f"{gguf_path} stores its projections as {', '.join(sorted(kinds))}; the q4 graph maps "
-                                    f"{GGUF_Q4_1} blocks only: use weights='int8' (8-bit blocks of the de-quantised weights).")
+                                 f"{GGUF_Q4_1} blocks only: use weights='int8' (8-bit blocks of the de-quantised weights).")
 
     def _gguf_name(self, module: str) -> tuple[str, str]:
         parts = module.split(".")

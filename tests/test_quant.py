@@ -217,3 +217,17 @@ def test_a_gguf_of_another_type_or_model_is_named_and_skipped(tiny_llama, tmp_pa
     with pytest.raises(NoQ4Blocks, match="does not hold the weights"):
         QuantisedWeights("q4", other, q41).blocks("model.layers.0.self_attn.q_proj",
                                                   other.model.layers[0].self_attn.q_proj.weight.numpy())
+
+
+def test_a_base_whose_widths_do_not_split_into_blocks_is_exported_without_quantised_graphs(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    odd = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
+                                       tie_word_embeddings=True)).eval()  # 48 inputs: not blocks of 32
+    with pytest.warns(UserWarning, match="No int8 graph: a weight with 48 inputs"):
+        info = export_medusa(odd, None, tmp_path, topk=4)
+    assert info["files"]["base_fast"] and "base_fast_int8" not in info["files"]
+    assert "blocks of 32" in info["quantised"]["int8"]["skipped"]
+    with pytest.raises(RuntimeError, match="no fast graph with int8 weights"):
+        load_runtime(tmp_path, capacity=32, max_nodes=4, weights="int8", with_heads=False)
