@@ -7,7 +7,8 @@
 --tree a tree JSON (notebooks 03 and 06 write data/<preset>/trees/; a 'lookup' section in it adds
 prompt lookup and a 'rule' section drafts by confidence, as trees/tree_hydra_pld_device.json may).
 Both default to what the workbook's last run produced. --weights picks the base's weights (the
-config's `weights`, default fp32; int8 and q4 decode chains, see docs/quantised.md).
+config's `weights`, default fp32; int8 and q4 decode chains, see docs/quantised.md, and take notebook
+06's plan for them, trees/tree_hydra_pld_<weights>.json, when the heads are sequential).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def main(argv=None) -> None:
     export_dir = resolve_export_dir(cfg, a.heads)
     info = read_export_info(export_dir)
     sequential = info.get("token_inputs") == "path"
-    tree, lookup = (None, {}) if a.plain else load_plan(a.tree or default_tree_file(cfg, sequential), info["num_heads"])
+    plan = a.tree or default_tree_file(cfg, sequential)
+    sized = cfg.data_dir / "trees" / f"tree_hydra_pld_{cfg.weights}.json"  # notebook 06's plan for a quantised graph
+    if not a.tree and sequential and cfg.weights != "fp32" and sized.is_file():
+        plan = sized
+    tree, lookup = (None, {}) if a.plain else load_plan(plan, info["num_heads"])
     rt = load_runtime(export_dir, cfg.kv_capacity, a.threads if a.threads is not None else cfg.threads,
                       max_nodes=plan_size(tree, **lookup) if tree else 1, graph=cfg.base_graph, weights=cfg.weights)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint_path(info.get("base_model") or cfg.base_model))
