@@ -35,9 +35,8 @@ notebooks: install
 	WORKBOOK_PRESET=tiny $(PY) -m pytest -q --nbmake --nbmake-timeout=1200 notebooks
 
 # llama.cpp as a peer in the benchmark (`bench --methods ...,llamacpp`), optional. Built for a
-# portable x86-64 target (AVX2/FMA/F16C, no AVX-512 or AMX code): the default native build of
-# llama-cpp-python 0.3.36 crashes at its first evaluation on some of our AMX machines, and one build
-# command has to serve every CPU. Takes about 4 minutes on 2 cores.
+# portable x86-64 target (AVX2/FMA/F16C, no AVX-512 or AMX code), so that one build command serves
+# every CPU, with or without AVX-512 or AMX. About 5 minutes on 2 cores (docs/quantised.md).
 LLAMACPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AMX_TILE=OFF -DLLAMA_CURL=OFF
 llamacpp: install
