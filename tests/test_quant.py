@@ -21,8 +21,8 @@ from conftest import perturbed
 Q = gguf.GGMLQuantizationType
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 PROMPTS = [[5, 17, 33, 2, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [90, 1, 90, 1, 90, 1, 90, 1]]
-LOGITS_RTOL = 0.05  # q4/int8 graph vs PyTorch carrying the graph's own weights: MatMulNBits rounds the activations to
-# int8 per block of 32, so the logits differ by that rounding alone (measured <= 1.5% of the logits' range here)
+LOGITS_RTOL = 0.02  # q4/int8 graph vs PyTorch carrying the graph's own weights: MatMulNBits rounds the activations to
+# int8 per block of 32, so the logits differ by that rounding alone (measured <= 0.34% of the logits' range here)
 
 
 def half_step(w: np.ndarray, bits: int) -> np.ndarray:
