@@ -14,6 +14,7 @@ Two base graphs run under the same five steps (docs/engine.md): the reference gr
 (export.TreeStep, traced op by op; cache rows sequence-major) and the fast graph (fast_graph.py,
 ONNX Runtime's fused operators; cache head-major, bound once per pass width). `graph="auto"` takes
 the fast one where the export has it and the provider runs it, and says so when it cannot.
+`weights="int8"` or `"q4"` runs the fast graph with quantised weights (quant.py, docs/quantised.md).
 
     rt = load_runtime("data/onnx", capacity=2048)
     tokens, stats = generate(rt, prompt_ids, tree, max_new_tokens=128)
@@ -62,7 +63,7 @@ class OrtRuntime:
     weights: str = "fp32"  # or "int8", "q4" (quant.py; fast graph only). Their MatMulNBits kernels round the
     # activations to int8, which turns the last-bit differences of a tree's row layout into visibly different
     # logits; a chain pass computes every row bit for bit as plain decoding does, so on these graphs generate
-    # cuts each step's tree to a chain: its top-ranked chain, or the prompt-lookup chain alone (docs/engine.md)
+    # cuts each step's tree to a chain: its top-ranked chain, or the prompt-lookup chain alone (docs/quantised.md)
     bias_buf: torch.Tensor | None = None  # (max_nodes * capacity,) where each step's attention bias is written
     step_buf: torch.Tensor | None = None  # fast graph: (2, max_nodes) int64 ids and positions of a pass
     seq_buf: torch.Tensor | None = None  # fast graph: (2,) int32 seqlens_k = n+T-1, total_sequence_length = n+T

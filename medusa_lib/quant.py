@@ -32,7 +32,7 @@ from medusa_lib.config import WEIGHTS  # "fp32", "int8", "q4"
 
 BLOCK = 32  # weights per block along K (GGUF's Q4_1/Q8_0 block, and MatMulNBits' block_size here)
 ACCURACY_LEVEL = 4  # MatMulNBits rounds the activations to int8 per block: its fast CPU kernels. Level 1 (fp32
-# activations) keeps one-token passes fast but makes a pass of 2+ tokens cost what fp32 does (measured, docs/engine.md)
+# activations) keeps one-token passes fast but makes a pass of 2+ tokens cost what fp32 does (measured, docs/quantised.md)
 GGUF_Q4_1, GGUF_Q8_0 = "Q4_1", "Q8_0"
 
 
