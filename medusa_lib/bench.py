@@ -42,6 +42,12 @@ PLAIN_METHODS = ("ort", "ort_ref")  # one token a pass, no tree
 # against "ort@q4", plain decoding on that same graph (added to the run when missing).
 
 
+def drafts(name: str) -> bool:
+    """Whether method `name` drafts and verifies (a Medusa method on ORT, on any graph)."""
+    method = split_method(name)[0]
+    return method in ORT_METHODS and method not in PLAIN_METHODS
+
+
 def plain_of(name: str) -> str | None:
     """The plain method on the same graph as an ORT method `name`: what its output must equal ("ort" or
     "ort@<weights>"); None for the peers (hf, hf_pld, llamacpp), which run other programs."""
@@ -578,29 +584,28 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
     if "llamacpp" in methods and importlib.util.find_spec("llama_cpp") is None:
         methods.remove("llamacpp")
         notes.append("llamacpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python).")
+    bases = {split_method(m)[0] for m in methods}  # the methods without their graphs' weights
     unused = [flag for flag, given, users in (("--tree", tree_file, {"medusa_tree"}),
                                               ("--hydra-tree", hydra_tree, {"hydra_tree", "hydra_pld"}),
                                               ("--pld-plan", pld_plan, {"hydra_pld"}),
                                               ("--hydra-heads", hydra_heads, {"hydra_tree", "hydra_pld"}))
-              if given and not users & {split_method(m)[0] for m in methods}]
+              if given and not users & bases]
     if unused:  # a setting no chosen method reads would be silently ignored
         raise ValueError(f"{', '.join(unused)} given, but no method in {methods} uses it: add the method that reads it "
                          f"(--tree: medusa_tree; --hydra-tree, --hydra-heads: hydra_tree or hydra_pld; --pld-plan: hydra_pld) "
                          f"or leave the flag out.")
     export_dir = resolve_export_dir(cfg, heads)
-    bases = {split_method(m)[0] for m in methods}
     tree_file = (Path(tree_file) if tree_file else default_tree_file(cfg)) if "medusa_tree" in bases else None
     hydra_dir = hydra_tree_file = pld_file = None
     if {"hydra_tree", "hydra_pld"} & bases:
         hydra_dir, hydra_tree_file = hydra_paths_for(cfg, hydra_tree, hydra_heads)
         pld_file = pld_plan_file(cfg, pld_plan) if "hydra_pld" in bases else None
-    made = read_json(export_dir / "export_info.json")
-    files, quantised_info = made["files"], made.get("quantised", {})
+    export_info = read_json(export_dir / "export_info.json")
     for weights in sorted({split_method(m)[1] for m in methods} - {"fp32"}):  # a graph the export lacks is skipped, said
-        if not files.get(f"base_fast_{weights}"):
+        if not export_info["files"].get(f"base_fast_{weights}"):
             skipped = [m for m in methods if split_method(m)[1] == weights]
             methods = [m for m in methods if m not in skipped]
-            why = quantised_info.get(weights, {}).get("skipped", "exported before quantised graphs existed; re-export")
+            why = export_info.get("quantised", {}).get(weights, {}).get("skipped", "exported before quantised graphs existed; re-export")
             notes.append(f"{', '.join(skipped)} skipped: {portable(export_dir)} has no {weights} graph ({why}).")
     q_plans = quantised_plan_files(cfg, methods, quantised_plans)
     for export, files in ((export_dir, [tree_file]), (hydra_dir, [hydra_tree_file, pld_file, *q_plans.values()])):
@@ -637,7 +642,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
                                      "e2e_s": e2e_s, "tau": tau, "accept_lens": stats.accept_lens if stats else None,
                                      "tokens": out, "steps": stats.steps if stats else None,
                                      "base_s": stats.base_s if stats else None, "stopped": stats.stopped if stats else None})
-            if split_method(name)[0] in ORT_METHODS and split_method(name)[0] not in PLAIN_METHODS and stats is not None:
+            if drafts(name) and stats is not None:
                 for k, v in stats.split_s.items():
                     split[name][k] += v
                 split[name]["python"] += stats.python_s
@@ -710,7 +715,7 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
             agg.update(peak_rss_mb=mem.get(name), speedup_vs_ort=agg["decode_tok_per_s"] / ort_cat if ort_cat else None)
             result["categories"][cat][name] = agg
     result["accept_lens"] = {n: sum((r["accept_lens"] or [] for r in per_method[n]), []) for n in methods
-                             if split_method(n)[0] in ORT_METHODS and split_method(n)[0] not in PLAIN_METHODS}
+                             if drafts(n)}
     return result
 
 

@@ -57,7 +57,7 @@ def write_gguf(model, path, projections=Q.Q4_1, table=Q.Q8_0):
         model.model.embed_tokens.weight.copy_(torch.from_numpy(table_w))  # tied: the output head too
         for i, layer in enumerate(model.model.layers):
             for short, gname in GGUF_NAMES.items():
-                module = getattr(layer.self_attn if "proj" in short and short[0] in "qkvo" else layer.mlp, short)
+                module = getattr(layer.self_attn if short in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, short)
                 w = module.weight.numpy()
                 heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(short)
                 stored = put(f"blk.{i}.{gname}.weight", llama_cpp_rows(w, heads) if heads else w, projections)
