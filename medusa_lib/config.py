@@ -325,3 +325,28 @@ def repo_root() -> Path:
     """The workbook checkout (the folder holding pyproject.toml), found from this file."""
     here = Path(__file__).resolve().parent.parent
     return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def setup(preset: str | None, *fields: str) -> WorkbookConfig:
+    """A notebook's one setup cell: the preset's config, returned, after one line naming the software and
+    the machine and one line with the settings this notebook uses (`fields`), so that a reader of the
+    committed outputs knows what produced them."""
+    import platform
+
+    import onnxruntime
+    import torch
+    import transformers
+
+    from medusa_lib.bench import cpu_description
+
+    cfg = get_config(preset)
+    unknown = [f for f in fields if f not in FIELD_NAMES]
+    if unknown:
+        raise ValueError(f"setup(): {unknown} are not WorkbookConfig settings (medusa_lib/config.py).")
+    cpu = cpu_description()
+    accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    print(f"python {platform.python_version()} | torch {torch.__version__} | transformers {transformers.__version__} | "
+          f"onnxruntime {onnxruntime.__version__} | {cpu['cpu_model']}, {os.cpu_count()} cores "
+          f"({' '.join(cpu['cpu_flags']) or 'no AVX2'}) | {accelerator}")
+    print(f"preset {cfg.name!r}: " + ", ".join(f"{f}={getattr(cfg, f)!r}" for f in fields))
+    return cfg

@@ -251,7 +251,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | Non
 def tokenize_all(tokenizer, conversations: list[dict], max_length: int | None, desc: str = "tokenising"):
     """Tokenise many conversations; returns (examples, counts of cuts and template failures)."""
     examples, counts = [], {"cut_at_turn": 0, "cut_mid_turn": 0, "template_mismatch": 0, "no_assistant_tokens": 0}
-    for conv in tqdm(conversations, desc=desc, leave=False):
+    for conv in tqdm(conversations, desc=desc, leave=False, disable=not conversations):
         try:
             ex = tokenize_conversation(tokenizer, conv["messages"], max_length, conv.get("complete", True))
         except ValueError:
@@ -489,6 +489,21 @@ def mix_table(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
                       "trained tokens": sum(sum(e["loss_mask"]) for e in kept),
                       "cut at max_length": counts["cut_at_turn"] + counts["cut_mid_turn"]})
     return table
+
+
+def reply_stats(tokenizer, rows: list[dict]):
+    """The self-distilled replies among `rows` (those carrying "complete"), one row each: tokens of the
+    prompt (the user's turn), tokens of the base's reply, and whether the reply ended by itself (end of
+    turn) rather than at distill_max_new_tokens. A pandas DataFrame."""
+    import pandas as pd
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    distilled = [r for r in rows if "complete" in r]
+    return pd.DataFrame({"prompt tokens": [count(r["messages"][-2]["content"]) for r in distilled],
+                         "reply tokens": [count(r["messages"][-1]["content"]) for r in distilled],
+                         "ended": [bool(r["complete"]) for r in distilled]})
 
 
 def marked_text(tokenizer, example: dict, mark: str = "«»") -> str:

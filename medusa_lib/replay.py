@@ -302,3 +302,17 @@ def plan_file_fields(plan: dict) -> dict:
         if plan.get("lookup_rule"):
             fields["lookup"]["rule"] = plan["lookup_rule"]
     return fields
+
+
+def describe_plan(plan: dict) -> str:
+    """A chosen plan in words: its nodes, draft rule and lookup chain, and what the replay priced it at."""
+    if plan["rule"]:
+        rule = plan["rule"]
+        text = f"drafted by rule (at most {rule['budget']} of the menu's nodes, path probability >= {rule['min_prob']})"
+    else:
+        text = f"{plan['nodes']} nodes"
+    if plan["lookup"]:
+        text += f", lookup {plan['lookup']} tokens on a repeated {plan['min_ngram']}-gram"
+        if plan.get("lookup_rule"):
+            text += f", then at most {plan['lookup_rule']['budget']} heads' nodes"
+    return f"{text}; replayed tau {plan['tau']:.2f}, {plan['speedup']:.2f}x plain"

@@ -22,7 +22,8 @@ from nbclient import NotebookClient
 from medusa_lib.config import get_config, repo_root
 from medusa_lib.files import atomic_path, write_json
 
-PROGRESS_BAR = re.compile(r"\d+%\|.*\| *[\d.]+\w?/[\d.]+\w? \[")  # tqdm's text, e.g. "caching:  40%|####  | 4/10 ["
+PROGRESS_BAR = re.compile(r"\d+%\|.*\| *[\d.]+\w?/[\d.]+\w? \[|\d+it \[\d+:\d+")  # tqdm's text, e.g.
+# "caching:  40%|####  | 4/10 [" or, without a total, "tokenising: 0it [00:00, ?it/s]"
 
 
 def run_notebooks(preset: str | None = None) -> dict:

@@ -59,3 +59,14 @@ def test_every_field_is_checked_and_every_preset_passes():
         assert isinstance(get_config(preset), WorkbookConfig)
     assert get_config("tiny", device="cuda:1", lr=0.5, eval_fraction=0.0).device == "cuda:1"
     assert [f.name for f in dataclasses.fields(WorkbookConfig)] == list(FIELD_NAMES)
+
+
+def test_setup_prints_the_machine_and_the_named_settings_only(capsys):
+    from medusa_lib.config import setup
+
+    cfg = setup("tiny", "num_heads", "topk")
+    out = capsys.readouterr().out.splitlines()
+    assert cfg.name == "tiny" and "onnxruntime" in out[0] and "cores" in out[0]
+    assert out[1] == f"preset 'tiny': num_heads={cfg.num_heads!r}, topk={cfg.topk!r}"
+    with pytest.raises(ValueError, match="heads_count"):
+        setup("tiny", "heads_count")

@@ -262,3 +262,20 @@ def test_a_distilled_row_without_messages_is_named_not_a_keyerror(tmp_path):
         read_prepared(tmp_path, "train")
     (folder / "distilled_train.jsonl").write_text(_json.dumps(good) + "\n")
     assert read_prepared(tmp_path, "train")[0]["messages"][-1]["content"] == "hey"
+
+
+def test_reply_stats_counts_the_self_distilled_replies_only():
+    from medusa_lib.data import reply_stats
+
+    class Words:  # a tokenizer whose tokens are words
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": text.split()}
+
+    rows = [{"id": "a", "complete": True, "messages": [{"role": "user", "content": "one two"},
+                                                       {"role": "assistant", "content": "three four five"}]},
+            {"id": "b", "complete": False, "messages": [{"role": "user", "content": "six"},
+                                                        {"role": "assistant", "content": "seven"}]},
+            {"id": "c", "messages": [{"role": "user", "content": "ShareGPT's own"}, {"role": "assistant", "content": "x"}]}]
+    stats = reply_stats(Words(), rows)
+    assert stats["prompt tokens"].tolist() == [2, 1] and stats["reply tokens"].tolist() == [3, 1]
+    assert stats["ended"].tolist() == [True, False]

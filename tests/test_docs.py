@@ -84,3 +84,21 @@ def test_text_has_no_run_log_words_and_no_scratch_paths(request, text):
     said, scratch = SESSION.findall(text), SCRATCH.findall(text)
     assert not said, f"{where}: says {said}; give the setting, machine and date instead"
     assert not scratch, f"{where}: names absolute scratch paths {scratch}; use paths inside the clone"
+
+
+MAX_CELL_LINES = 15
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_parameters_then_one_setup_cell_and_keeps_cells_short(path):
+    """Title and parameters first; then one setup cell (config.setup: versions, machine, the settings the
+    notebook uses); no code cell longer than about a screen's worth of thought."""
+    cells = json.loads(path.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert "parameters" in code[0].get("metadata", {}).get("tags", []), f"{path.name}: first code cell is not tagged parameters"
+    setup = re.compile(r"\bsetup\(\s*PRESET\b")
+    assert setup.search("".join(code[1]["source"])), f"{path.name}: the cell after parameters is not config.setup"
+    assert sum(bool(setup.search("".join(c["source"]))) for c in code) == 1, f"{path.name}: more than one setup cell"
+    long = [(i, len("".join(c["source"]).splitlines())) for i, c in enumerate(cells)
+            if c["cell_type"] == "code" and len("".join(c["source"]).splitlines()) > MAX_CELL_LINES]
+    assert not long, f"{path.name}: code cells over {MAX_CELL_LINES} lines (cell index, lines): {long}"

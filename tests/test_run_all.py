@@ -16,6 +16,8 @@ def test_clean_outputs_keeps_results_and_drops_noise():
         nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "c"},
                                                      "text/plain": "tokenising:   0%|          | 0/400 [00:00<?, ?it/s]"}),
         nbformat.v4.new_output("display_data", data={"text/plain": "caching: 100%|##########| 9.3k/9.3k [00:03<00:00, 2.9kit/s]"}),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "d"},
+                                                     "text/plain": "tokenising ShareGPT: 0it [00:00, ?it/s]"}),
     ])
     nb = nbformat.v4.new_notebook(cells=[cell], metadata={"widgets": {"state": {}}})
     clean_outputs(nb, root)
