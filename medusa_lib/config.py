@@ -213,7 +213,8 @@ PRESETS: dict[str, WorkbookConfig] = {
         sizing_prompts=2,
         cost_curve_sizes=(1, 4, 8, 16),
     ),
-    # The real run: about 2.5 hours for all six notebooks from scratch on 2 CPU cores (README), minutes on a GPU.
+    # The real run: about 80 minutes for all six notebooks from scratch on 2 CPU cores with native bf16, about 2.5 hours
+    # without it (README), minutes on a GPU.
     "full": WorkbookConfig(
         name="full",
         max_records=0,
