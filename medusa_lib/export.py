@@ -23,6 +23,7 @@ supported: the wrapper reuses the model's own projections, norms and rotary embe
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import time
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from medusa_lib.fast_graph import FAST_GRAPH_VERSION
-from medusa_lib.files import folder_lock, write_json
+from medusa_lib.files import folder_lock, read_json, write_json
 from medusa_lib.heads import MedusaHeads
 
 BASE_FILE = "base.onnx"
@@ -224,10 +225,14 @@ def quantize_heads(path: Path) -> None:
 
 def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: int, fp16: bool = False,
                   base_model: str = "", int8_heads: bool = False, heads_fingerprint: str | None = None,
-                  quantised: tuple[str, ...] = ("int8", "q4")) -> dict:
+                  quantised: tuple[str, ...] = ("int8", "q4"), share_base_with: str | Path | None = None) -> dict:
     """Export base (and heads, when given) and write export_info.json; returns the info dict.
     Beside the fp32 fast graph, one fast graph per weight set in `quantised` (quant.py); q4 needs a base
     loaded from a Q4_1 GGUF (`base_model` names it) and is skipped, saying why, otherwise.
+
+    share_base_with: another export folder (notebook 04 passes the Medusa-1 export when it exports the
+    sequential heads). Where that export was made from the same base (`base_fingerprint`), its base
+    graphs are linked instead of exported again: one copy on disk, and seconds instead of a minute.
 
     Everything is written into a sibling folder <out_dir>.partial first and swapped in at the end, so
     an interrupted re-export never leaves a folder whose graphs and export_info.json disagree."""
@@ -236,23 +241,18 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         work = out_dir.with_name(out_dir.name + ".partial")
         _recover(out_dir)  # an export interrupted between its two renames: its complete copy goes back first
         shutil.rmtree(work, ignore_errors=True)
-        dtype = torch.float16 if fp16 else torch.float32
         t0 = time.time()
-        export_base(model, work, dtype)
-        fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
-        quantised_files, quantised_info = {}, {}
-        if fp16:
-            fast_note = "fp16 export: the fast graph is written in fp32 only"
+        fingerprint = base_fingerprint(model, fp16, base_model, quantised)
+        shared = _link_base(share_base_with, fingerprint, work)
+        if shared is None:
+            base = _export_base_graphs(model, work, fp16, quantised, base_model)
         else:
-            from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
-            fast_note = fast_graph_problem(model)
-            if fast_note is None:
-                fast_file = export_fast_base(model, work)[0].name
-                quantised_files, quantised_info = _export_quantised(model, work, quantised, base_model)
-        for weights in quantised:
-            quantised_info.setdefault(weights, {"skipped": fast_note})
+            base = {"files": {k: v for k, v in shared["files"].items() if k != "heads"},
+                    "fast_graph": shared["fast_graph"], "quantised": shared["quantised"],
+                    "base_shared_with": Path(share_base_with).name}
         head_files = []
         if heads is not None:
+            dtype = torch.float16 if fp16 else torch.float32
             lm_head = model.get_output_embeddings().weight.detach()
             head_files = export_heads(heads.to(device=lm_head.device), lm_head, work, topk, dtype)
             int8_heads = int8_heads and not fp16  # int8 is for CPU kernels; fp16 graphs are for the GPU
@@ -264,9 +264,9 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
                 np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
         layers, Hkv, D = kv_shape(model)
         config = heads.config if heads is not None else None
-        info = {"files": {"base": BASE_FILE, "heads": [p.name for p in head_files], "base_fast": fast_file,
-                          "base_fast_skipped": fast_note, **quantised_files}, "fast_graph": fast_note or "written",
-                "quantised": quantised_info, "fast_graph_version": FAST_GRAPH_VERSION, "topk": topk,
+        info = {**base, "files": {"base": base["files"]["base"], "heads": [p.name for p in head_files],
+                                  **{k: v for k, v in base["files"].items() if k != "base"}},
+                "fast_graph_version": FAST_GRAPH_VERSION, "topk": topk,
                 "dtype": "float16" if fp16 else "float32", "num_layers": layers,
                 "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,
                 "vocab_size": model.get_output_embeddings().weight.shape[0],
@@ -274,7 +274,8 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
                 "token_inputs": config.token_inputs if config else "none",
                 "head_vocab": config.head_vocab if config else 0,
                 "eos_token_ids": _eos_ids(model), "base_model": base_model, "int8_heads": bool(int8_heads and heads is not None),
-            "heads_fingerprint": heads_fingerprint,  # the checkpoint's files it was made from (heads.checkpoint_fingerprint)
+                "heads_fingerprint": heads_fingerprint,  # the checkpoint's files it was made from (heads.checkpoint_fingerprint)
+                "base_fingerprint": fingerprint,  # what the base graphs were made from (base_fingerprint)
                 "seconds": round(time.time() - t0, 1)}
         write_json(work / INFO_FILE, info)
         old = out_dir.with_name(out_dir.name + ".old")
@@ -284,6 +285,61 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
         os.replace(work, out_dir)
         shutil.rmtree(old, ignore_errors=True)
         return info
+
+
+def _export_base_graphs(model, work: Path, fp16: bool, quantised: tuple[str, ...], base_model: str) -> dict:
+    """The reference base graph, and beside it the fast graph and its quantised weight sets where they
+    apply: {"files": {...}, "fast_graph": "written" or why not, "quantised": {set: report or why not}}."""
+    export_base(model, work, torch.float16 if fp16 else torch.float32)
+    fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
+    quantised_files, quantised_info = {}, {}
+    if fp16:
+        fast_note = "fp16 export: the fast graph is written in fp32 only"
+    else:
+        from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
+        fast_note = fast_graph_problem(model)
+        if fast_note is None:
+            fast_file = export_fast_base(model, work)[0].name
+            quantised_files, quantised_info = _export_quantised(model, work, quantised, base_model)
+    for weights in quantised:
+        quantised_info.setdefault(weights, {"skipped": fast_note})
+    return {"files": {"base": BASE_FILE, "base_fast": fast_file, "base_fast_skipped": fast_note, **quantised_files},
+            "fast_graph": fast_note or "written", "quantised": quantised_info}
+
+
+def base_fingerprint(model, fp16: bool, base_model: str, quantised: tuple[str, ...]) -> str:
+    """What an export's base graphs are made from: the model's weights (every parameter and buffer,
+    hashed), the precision, the weight sets and the fast graph's version. Two exports with the same
+    fingerprint hold the same base graphs."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(repr((fp16, base_model, tuple(quantised), FAST_GRAPH_VERSION)).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _link_base(source: str | Path | None, fingerprint: str, work: Path) -> dict | None:
+    """Link the base graphs of the export in `source` into `work` when it was made from the same base;
+    returns that export's info, or None (then the base is exported). An export never rewrites a file
+    in place (it writes a new folder and swaps it in), so a linked file stays whole when either export
+    is redone. Where the file system has no hard links, the files are copied."""
+    if source is None or not (Path(source) / INFO_FILE).is_file():
+        return None
+    info = read_json(Path(source) / INFO_FILE)
+    if info.get("base_fingerprint") != fingerprint:
+        return None
+    names = [v for k, v in info["files"].items() if (k == "base" or k.startswith("base_fast")) and isinstance(v, str)]
+    names += [f"{name}.data" for name in names if (Path(source) / f"{name}.data").is_file()]  # external weights
+    if not all((Path(source) / name).is_file() for name in names):
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        try:
+            os.link(Path(source) / name, work / name)
+        except OSError:
+            shutil.copyfile(Path(source) / name, work / name)
+    return info
 
 
 def _export_quantised(model, work: Path, sets: tuple[str, ...], base_model: str) -> tuple[dict, dict]:
@@ -335,8 +391,6 @@ def export_fp16(cfg) -> bool:
 
 def read_export_info(export_dir: str | Path) -> dict:
     """export_info.json of an export folder, checked for every key the decoding loop reads."""
-    from medusa_lib.files import read_json
-
     path = Path(export_dir) / INFO_FILE
     if not path.is_file():
         copy = _complete_copy(Path(export_dir))

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from medusa_lib.bench import _aggregate, load_questions
 from medusa_lib.replay import Replay, choose_plan, monotone_cost, replay_vs_measured, simulate
@@ -304,3 +305,26 @@ def test_chain_plans_for_a_quantised_graph_are_chains_with_the_root_alone_on_loo
     for option in per_budget:
         assert option["paths"] == [[0] * d for d in range(1, option["nodes"])]  # the top-ranked chain of its depth
         assert option["rule"] is None and option["lookup_paths"] in (None, [])
+
+
+def test_the_cost_curve_times_one_token_passes_back_to_back_after_the_round_robin(monkeypatch):
+    """The T=1 price is the one plain decoding pays (passes of one token in a row); the wider sizes
+    are measured round-robin. The schedule of passes is what this checks, not their time."""
+    import medusa_lib.decoding
+    from medusa_lib.bench import verify_cost_curve
+
+    widths = []
+    monkeypatch.setattr(medusa_lib.decoding, "run_base", lambda rt, ids, *a, **k: widths.append(len(ids)))
+
+    class Runtime:
+        def bias(self, T, n):
+            return torch.zeros(1, 1, T, n + T)
+
+    cost = verify_cost_curve(Runtime(), (1, 2, 4), reps=5)
+    assert sorted(cost) == [1, 2, 4]
+    assert widths[:3] == [1, 2, 4]  # warm-up
+    assert widths[3:18] == [1, 2, 4] * 5  # round-robin
+    assert widths[18:] == [1] * 5  # then one-token passes back to back, the figure kept for T=1
+    widths.clear()
+    verify_cost_curve(Runtime(), (2, 4), reps=3)  # no T=1 asked: nothing extra
+    assert widths == [2, 4] + [2, 4] * 3

@@ -1,7 +1,9 @@
 """The fast base graph (fast_graph.py): a dozen fused nodes a layer, the same logits as the reference
 graph, the same greedy output with and without Medusa, and a fallback that says so."""
 
+import copy
 import json
+import os
 
 import numpy as np
 import onnx
@@ -11,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusa_lib.decoding import generate, load_runtime, parity_report, prefill, run_base, verify
-from medusa_lib.export import causal_bias, export_medusa
+from medusa_lib.export import causal_bias, export_medusa, read_export_info
 from medusa_lib.fast_graph import FAST_FILE, build_fast_graph, fast_graph_problem
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.tree import DraftRule, build_tree
@@ -102,6 +104,33 @@ def test_greedy_medusa_equals_plain_greedy_on_the_fast_graph(tiny_llama, kind, m
             assert medusa == plain, (kind, prompt, kwargs)
             accepted += sum(stats.accept_lens)
     assert accepted > 0  # acceptance and compaction in the head-major cache were exercised
+
+
+def test_an_export_on_the_same_base_links_its_base_graphs_and_decodes_the_same(tiny_llama, tmp_path):
+    """share_base_with: the sequential heads' export links the Medusa-1 export's base graphs (one copy
+    on disk) and decodes exactly as that export's plain greedy, also after the first export is redone;
+    a different base is exported afresh, never linked."""
+    first, second = tmp_path / "m1", tmp_path / "seq"
+    export_medusa(tiny_llama, perturbed(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3)), 0.02, 3), first, topk=4)
+    seq = perturbed(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, token_inputs="path", block_expansion=2)), 0.05, 4)
+    info = export_medusa(tiny_llama, seq, second, topk=4, share_base_with=first)
+    assert info["base_shared_with"] == "m1" and info["files"]["heads"] == ["heads_0.onnx", "heads_1.onnx", "heads_2.onnx"]
+    base_files = [v for k, v in info["files"].items() if (k == "base" or k.startswith("base_fast")) and isinstance(v, str)]
+    assert "base.onnx" in base_files and "base_fast.onnx" in base_files
+    assert all(os.path.samefile(first / name, second / name) for name in base_files)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    plain = [generate(load_runtime(first, capacity=256, max_nodes=16), p, None, 30, eos_token_ids=[])[0] for p in PROMPTS[:2]]
+    export_medusa(tiny_llama, perturbed(MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3)), 0.02, 5), first, topk=4)
+    rt = load_runtime(second, capacity=256, max_nodes=16)  # after the first export was redone
+    for prompt, want in zip(PROMPTS[:2], plain):
+        assert generate(rt, prompt, tree, 30, eos_token_ids=[])[0] == want
+    other = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    info = export_medusa(other, None, tmp_path / "other", topk=4, share_base_with=first)
+    assert "base_shared_with" not in info
+    assert not os.path.samefile(first / "base.onnx", tmp_path / "other" / "base.onnx")
+    assert info["base_fingerprint"] != read_export_info(first)["base_fingerprint"]
 
 
 def test_a_chain_pass_computes_each_row_bit_for_bit_as_one_token_passes(medusa1_export):
