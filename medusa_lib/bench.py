@@ -86,7 +86,11 @@ def load_questions(path: str | Path | None, cfg: WorkbookConfig, limit: int, fro
         if not path.is_file():
             raise FileNotFoundError(f"Questions file {path} does not exist (expected Spec-Bench/MT-bench question.jsonl).")
         rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n")):  # -sig: a byte-order mark is not text
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not text
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be read): save it as UTF-8.") from None
+        for i, line in enumerate(text.split("\n")):
             if not line.strip():
                 continue
             try:
@@ -583,7 +587,10 @@ def run_benchmark(cfg: WorkbookConfig, questions: str | None = None, limit: int 
         raise ValueError(f"The benchmark needs at least one prompt and one new token (limit={limit}, "
                          f"max_new_tokens={max_new_tokens}).")
     threads = cfg.threads if threads is None else threads
-    methods = list(methods or cfg.bench_methods)
+    methods = [m.strip() for m in (methods or cfg.bench_methods)]
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ValueError(f"The methods name {', '.join(twice)} more than once: list each method once.")
     unknown = [m for m in methods if not method_known(m)]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}: choose from {ALL_METHODS}; those of {ORT_METHODS[:1] + ORT_METHODS[2:]} "

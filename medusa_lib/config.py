@@ -178,9 +178,10 @@ def _check_field(name: str, value) -> list[str]:
         ok = isinstance(value, tuple) and value and all(whole(v) and v >= 1 for v in value)
         return [] if ok else [f"cost_curve_sizes must be a non-empty list of whole numbers >= 1, not {value!r}"]
     if name == "bench_methods":
-        ok = isinstance(value, tuple) and value and all(isinstance(v, str) and method_known(v) for v in value)
+        ok = isinstance(value, tuple) and value and all(isinstance(v, str) and method_known(v) for v in value) \
+            and len(set(value)) == len(value)
         return [] if ok else [f"bench_methods must be a non-empty list from {BENCH_METHODS} (those of {QUANTISED_METHODS} "
-                              f"also as method@int8 or method@q4), not {value!r}"]
+                              f"also as method@int8 or method@q4), each named once, not {value!r}"]
     return [f"{name} has no check: add it to config.py's validation"]
 
 
@@ -295,6 +296,9 @@ RUN_FIELDS = ("base_model", "max_length", "train_records", "seed", "num_heads", 
               "train_precision", "warmup_steps", "train_steps", "batch_positions")
 
 
+SETTINGS = frozenset(f.name for f in dataclasses.fields(WorkbookConfig)) - {"name"}  # what an override may set
+
+
 def get_config(preset: str | None = None, **overrides) -> WorkbookConfig:
     """The named preset (or $WORKBOOK_PRESET, default "full") with overrides applied: those in
     $WORKBOOK_OVERRIDES (a JSON object, e.g. '{"train_steps": 20}': how a smoke test shrinks a preset
@@ -302,6 +306,9 @@ def get_config(preset: str | None = None, **overrides) -> WorkbookConfig:
     name = preset or os.environ.get(PRESET_ENV, "full")
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}: choose one of {sorted(PRESETS)}.")
+    unknown = sorted(set(overrides) - SETTINGS)
+    if unknown:
+        raise ValueError(f"get_config: unknown settings {unknown}: see WorkbookConfig in medusa_lib/config.py.")
     return PRESETS[name].replace(**{**env_overrides(), **overrides})
 
 
@@ -315,8 +322,7 @@ def env_overrides() -> dict:
         assert isinstance(found, dict)
     except (json.JSONDecodeError, AssertionError):
         raise ValueError(f"${OVERRIDES_ENV} must be a JSON object such as '{{\"train_steps\": 20}}', not {text[:80]!r}.") from None
-    fields = {f.name for f in dataclasses.fields(WorkbookConfig)} - {"name"}
-    unknown = sorted(set(found) - fields)
+    unknown = sorted(set(found) - SETTINGS)
     if unknown:
         raise ValueError(f"${OVERRIDES_ENV} names unknown settings {unknown}: see WorkbookConfig in medusa_lib/config.py.")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in found.items()}

@@ -34,10 +34,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from medusa_lib.export import BASE_FILE, EMBED_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
+from medusa_lib.export import BASE_FILE, EMBED_FILE, INFO_FILE, MASKED, TreeStep, causal_bias, io_names, kv_shape, read_export_info
 from medusa_lib.fast_graph import SPARE_ROWS, fast_io_names, max_positions_of
 from medusa_lib.quant import WEIGHTS
-from medusa_lib.tree import PAD, DraftRule, TreeBuffers, grow_draft, prompt_lookup, subtree, top_chain, with_lookup
+from medusa_lib.tree import PAD, DraftRule, TreeBuffers, check_lookup, grow_draft, prompt_lookup, subtree, top_chain, with_lookup
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
@@ -212,8 +212,9 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     `weights` (quant.WEIGHTS): the base's weights, "fp32" (either graph), "int8" or "q4" (fast graph)."""
     export_dir = Path(export_dir)
     if capacity < 1 or max_nodes < 1 or threads < 0:
-        raise ValueError(f"load_runtime needs capacity >= 1, max_nodes >= 1 and threads >= 0 "
-                         f"(got {capacity}, {max_nodes}, {threads}).")
+        raise ValueError(f"Decoding needs a KV capacity >= 1 (the kv_capacity setting), max_nodes >= 1 and threads >= 0 "
+                         f"(the threads setting or --threads; 0 = one per core), not capacity={capacity}, "
+                         f"max_nodes={max_nodes}, threads={threads}.")
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, not {graph!r}.")
     info = read_export_info(export_dir)
@@ -238,6 +239,7 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     if with_heads:
         heads_options = _session_options(HEADS_THREADS, False)
         heads = [_session(export_dir / name, heads_options, providers) for name in _head_files(export_dir, info)]
+        _check_heads(export_dir, info, heads)
         if heads and info.get("token_inputs", "none") != "none":
             embed = _embeddings(export_dir, info)
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
@@ -271,6 +273,23 @@ def _head_files(export_dir: Path, info: dict) -> list[str]:
     return files
 
 
+def _check_heads(export_dir: Path, info: dict, heads: list) -> None:
+    """The heads graphs agree with export_info.json: each gives `topk` candidates, and sequential head k
+    reads the root and k path tokens (a mismatch would draft the wrong candidates, quietly)."""
+    names = _head_files(export_dir, info)
+    for k, (name, session) in enumerate(zip(names, heads)):
+        got = session.get_outputs()[0].shape[-1]
+        if isinstance(got, int) and got != info["topk"]:
+            raise ValueError(f"{export_dir / INFO_FILE} says topk={info['topk']} but {name} gives {got} candidates: "
+                             f"the file was edited or belongs to another export; re-export (notebook 04).")
+        inputs = {i.name: i.shape for i in session.get_inputs()}
+        want = None if info.get("token_inputs", "none") == "none" else (k + 1 if info["token_inputs"] == "path" else 1)
+        got = inputs["token_embeddings"][1] if "token_embeddings" in inputs else None
+        if (want is None) != (got is None) or (isinstance(got, int) and got != want):
+            raise ValueError(f"{name} reads {got or 'no'} token(s), but export_info.json's heads ({info.get('token_inputs')}, "
+                             f"head {k}) read {want or 'none'}: the export's heads graphs are mixed up; re-export (notebook 04).")
+
+
 def _embeddings(export_dir: Path, info: dict) -> np.ndarray:
     """token_embeddings.npy, the base's (V, C) input table for heads that see tokens, read lazily
     (memory-mapped) after checking that it is whole and of the base's shape."""
@@ -280,7 +299,7 @@ def _embeddings(export_dir: Path, info: dict) -> np.ndarray:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing: these heads read the base's token embeddings from it; "
                                 f"re-export (notebook 04).") from None
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:  # numpy says EOFError for an empty file
         raise ValueError(f"{path} cannot be read ({str(err)[:120]}): it is damaged or truncated; re-export (notebook 04).") from None
     want = (info["vocab_size"], info["hidden_size"])
     if table.shape != want or table.dtype not in (np.float32, np.float16):
@@ -569,6 +588,24 @@ class StepClock:
             self.split_s[part] += time.perf_counter() - t
 
 
+def token_ids(prompt_ids) -> np.ndarray:
+    """One prompt as int64 token ids (P,): a flat list (or a batch of one) of whole numbers, else an error
+    (a float would be truncated, a string parsed and two prompts joined, each quietly)."""
+    raw = np.asarray(prompt_ids)
+    if raw.ndim == 2 and raw.shape[0] == 1:
+        raw = raw[0]
+    if raw.ndim != 1 or (raw.size and raw.dtype.kind not in "iu"):
+        raise ValueError(f"prompt_ids must be one prompt of token ids (whole numbers), not {raw.dtype} of shape {raw.shape}.")
+    return raw.astype(np.int64)
+
+
+def _eos_list(eos_token_ids) -> list[int]:
+    if isinstance(eos_token_ids, (str, bytes)) or not hasattr(eos_token_ids, "__iter__") \
+            or not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos_token_ids):
+        raise ValueError(f"eos_token_ids must be a list of token ids (whole numbers), not {eos_token_ids!r}.")
+    return [int(e) for e in eos_token_ids]
+
+
 def check_request(rt: OrtRuntime, prompt: np.ndarray, max_new_tokens: int, temperature: float) -> None:
     """Clear errors for requests the loop cannot serve (instead of a wrong answer or a traceback)."""
     V = rt.info["vocab_size"]
@@ -577,7 +614,7 @@ def check_request(rt: OrtRuntime, prompt: np.ndarray, max_new_tokens: int, tempe
     if prompt.min() < 0 or prompt.max() >= V:
         bad = int(prompt[(prompt < 0) | (prompt >= V)][0])
         raise ValueError(f"Token id {bad} in the prompt is outside the vocabulary (0..{V - 1}): was it made by another tokenizer?")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a whole number >= 0 (0 makes none), not {max_new_tokens!r}.")
     if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), not {temperature!r}.")
@@ -613,13 +650,12 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
     default `rule`, on the lookup steps).
 
     Returns (new token ids, DecodeStats). Greedy Medusa output equals plain greedy output."""
-    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+    prompt = token_ids(prompt_ids)
     check_request(rt, prompt, max_new_tokens, temperature)
-    eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else eos_token_ids)
+    eos = set(rt.info.get("eos_token_ids", []) if eos_token_ids is None else _eos_list(eos_token_ids))
     if lookup and tree is None:
         raise ValueError("lookup needs a tree: pass build_tree([], topk, num_heads) for prompt lookup alone.")
-    if lookup_min_ngram < 1:
-        raise ValueError(f"lookup_min_ngram must be at least 1, not {lookup_min_ngram!r}.")
+    check_lookup(lookup, lookup_min_ngram)
     medusa = tree is not None and (tree.size > 1 or lookup > 0)
     if medusa:
         check_tree(rt, tree)
@@ -633,7 +669,8 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
         raise ValueError(f"The tree has {N} nodes but the runtime was loaded with max_nodes={rt.logits_buf.shape[1]}.")
     if len(prompt) + N > rt.capacity:
         raise ValueError(f"The prompt has {len(prompt)} tokens; with a {N}-node tree it cannot fit the KV cache of "
-                         f"{rt.capacity} tokens. Shorten the prompt or load the runtime with a larger capacity.")
+                         f"{rt.capacity} tokens. Shorten the prompt or raise the capacity (the kv_capacity setting, "
+                         f"e.g. WORKBOOK_OVERRIDES='{{\"kv_capacity\": {2 * (len(prompt) + N)}}}').")
     rng = np.random.default_rng(seed)
     stats = DecodeStats(prompt_tokens=len(prompt))
     out: list[int] = []

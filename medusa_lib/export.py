@@ -400,10 +400,31 @@ def read_export_info(export_dir: str | Path) -> dict:
                                     f"again (notebook 04), which puts it back first.")
         raise FileNotFoundError(f"{path} is missing: {Path(export_dir)} is not an export; run notebook 04 (ONNX export).")
     info = read_json(path)
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not an export's description (a JSON object); re-export (notebook 04).")
     missing = [k for k in INFO_KEYS if k not in info]
     if missing:
         raise ValueError(f"{path} lacks {missing}: it was written by another version or damaged; re-export (notebook 04).")
+    wrong = [f"{k}={info[k]!r}" for k in INFO_KEYS if not _info_value_ok(k, info[k])]
+    if wrong:
+        raise ValueError(f"{path} holds values no export writes ({', '.join(wrong)}): it was edited or damaged; "
+                         f"re-export (notebook 04).")
     return info
+
+
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _info_value_ok(key: str, value) -> bool:
+    """The type (and range) export_medusa writes for each of INFO_KEYS."""
+    if key == "files":
+        return isinstance(value, dict) and isinstance(value.get("heads", []), list)
+    if key == "dtype":
+        return value in ("float32", "float16")
+    if key == "eos_token_ids":
+        return isinstance(value, list) and all(_whole(e, 0) for e in value)
+    return _whole(value, 0 if key == "num_heads" else 1)
 
 
 def _eos_ids(model) -> list[int]:

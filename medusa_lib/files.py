@@ -56,6 +56,11 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: run the notebook that writes it first.") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a folder: give the JSON file inside it (such as trees/tree.json).") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 JSON (byte {err.start} cannot be read); delete it and rerun the step "
+                         f"that writes it.") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); delete it and rerun the step that writes it.") from None
 

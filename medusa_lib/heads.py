@@ -245,6 +245,10 @@ def load_heads(head_dir: str | Path, model=None, num_heads: int | None = None) -
     if missing or unexpected:
         raise ValueError(f"{head_dir / WEIGHTS_FILE} does not match its {CONFIG_FILE} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}): the checkpoint is damaged; retrain.")
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:  # the base would still verify every token, but the heads' guesses (and the speed) would be gone, quietly
+        raise ValueError(f"{head_dir / WEIGHTS_FILE} holds non-finite weights ({bad[:3]}): the file is damaged or "
+                         f"training diverged; retrain the heads (notebook 02) or restore the file.")
     return heads.eval()
 
 

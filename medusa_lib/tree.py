@@ -66,6 +66,9 @@ def _rank(r, where: str) -> int:
 
 
 def validate_paths(paths, topk: int, num_heads: int) -> list[tuple[int, ...]]:
+    if isinstance(paths, (str, bytes, dict)) or not hasattr(paths, "__iter__") \
+            or not all(hasattr(p, "__iter__") and not isinstance(p, (str, bytes)) for p in paths):
+        raise ValueError(f"A tree is a list of rank paths such as [(0,), (1,), (0, 0)], not {paths!r}.")
     topk = _rank(topk, "topk")
     if topk < 1:
         raise ValueError(f"topk must be at least 1, not {topk}.")
@@ -153,7 +156,21 @@ def plan_size(tree: TreeBuffers, lookup: int = 0, lookup_min_ngram: int = 1, loo
     return max(tree.size, with_lookup(tree if lookup_tree is None else lookup_tree, lookup).size)
 
 
-def prompt_lookup(history: np.ndarray, length: int, min_ngram: int = 1, max_ngram: int = 3) -> np.ndarray | None:
+LOOKUP_MAX_NGRAM = 3  # prompt_lookup matches the text's last 3, 2 or 1 tokens, longest first
+LOOKUP_MAX_TOKENS = 64  # a lookup chain rides in every pass that finds a match: longer is never worth it
+
+
+def check_lookup(tokens: int, min_ngram: int, where: str = "") -> None:
+    """A lookup chain's settings as prompt_lookup can honour them, or one error naming them."""
+    if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or not 0 <= tokens <= LOOKUP_MAX_TOKENS:
+        raise ValueError(f"{where}the lookup's tokens must be a whole number in 0..{LOOKUP_MAX_TOKENS} "
+                         f"(a chain of that many tokens rides in every pass that finds a match), not {tokens!r}.")
+    if isinstance(min_ngram, bool) or not isinstance(min_ngram, (int, np.integer)) or not 1 <= min_ngram <= LOOKUP_MAX_NGRAM:
+        raise ValueError(f"{where}the lookup's min_ngram must be 1..{LOOKUP_MAX_NGRAM} (prompt lookup matches the "
+                         f"text's last {LOOKUP_MAX_NGRAM} tokens at most), not {min_ngram!r}.")
+
+
+def prompt_lookup(history: np.ndarray, length: int, min_ngram: int = 1, max_ngram: int = LOOKUP_MAX_NGRAM) -> np.ndarray | None:
     """The `length` tokens that followed the last earlier occurrence of the text's final n-gram
     (n = max_ngram .. min_ngram), padded with their last token; None when no such n-gram recurs.
     A longer chain is the shorter one continued (the padding included), which replay.py relies on."""
@@ -220,8 +237,9 @@ class DraftRule:
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, np.integer)) or self.budget < 0:
             raise ValueError(f"DraftRule.budget must be a whole number >= 0, not {self.budget!r}.")
-        if not 0.0 <= self.min_prob <= 1.0:
-            raise ValueError(f"DraftRule.min_prob must lie in [0, 1], not {self.min_prob!r}.")
+        if isinstance(self.min_prob, bool) or not isinstance(self.min_prob, (int, float, np.floating)) \
+                or not 0.0 <= self.min_prob <= 1.0:
+            raise ValueError(f"DraftRule.min_prob must be a number in [0, 1], not {self.min_prob!r}.")
 
 
 def confident_nodes(path_probs: np.ndarray, rule: DraftRule) -> np.ndarray:
@@ -278,6 +296,8 @@ def top_chain(tree: TreeBuffers) -> TreeBuffers:
 def save_tree(path: str | Path, paths, topk: int, heads: str | Path | None = None, **info) -> None:
     """A tree file; with `heads` (the checkpoint folder it was sized for) it records that checkpoint's
     fingerprint, so that a tree or plan sized for heads trained again since is refused (check_sized_for)."""
+    paths = [tuple(p) for p in paths]
+    validate_paths(paths, topk, max((len(p) for p in paths), default=0))  # a bad tree is refused here, not at its next load
     if heads is not None:
         from medusa_lib.heads import checkpoint_fingerprint
         info["heads_fingerprint"] = checkpoint_fingerprint(heads)
@@ -311,9 +331,17 @@ def _whole(value, path, name: str, low: int) -> int:
     return value
 
 
+def _known_keys(raw: dict, allowed: tuple[str, ...], path, where: str) -> None:
+    """A misspelt key would otherwise be ignored and its default used: the plan would run otherwise than it reads."""
+    unknown = sorted(set(raw) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: {where} has unknown key(s) {unknown} (allowed: {', '.join(allowed)}).")
+
+
 def _rule(raw, path, where: str) -> DraftRule:
     if not isinstance(raw, dict) or "budget" not in raw:
         raise ValueError(f"{path}: {where} needs 'budget' (and may have 'min_prob'): an object, not {raw!r}.")
+    _known_keys(raw, ("budget", "min_prob"), path, where)
     min_prob = raw.get("min_prob", 0.0)
     if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
         raise ValueError(f"{path}: {where}'s min_prob must be a number in [0, 1], not {min_prob!r}.")
@@ -334,8 +362,10 @@ def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
     if not isinstance(section, dict) or "tokens" not in section:  # an empty or falsy section is an error, not "no lookup"
         raise ValueError(f"{path}: the 'lookup' section needs 'tokens' (and may have 'min_ngram', 'paths' and 'rule'): "
                          f"an object, not {section!r}; leave the section out for no prompt lookup.")
+    _known_keys(section, ("tokens", "min_ngram", "paths", "rule"), path, "the 'lookup' section")
     kwargs.update({"lookup": _whole(section["tokens"], path, "the lookup's tokens", 1),
                    "lookup_min_ngram": _whole(section.get("min_ngram", 1), path, "the lookup's min_ngram", 1)})
+    check_lookup(kwargs["lookup"], kwargs["lookup_min_ngram"], f"{path}: ")
     if section.get("paths") is not None:
         if not isinstance(section["paths"], list) or not all(isinstance(p, list) for p in section["paths"]):
             raise ValueError(f"{path}: the lookup's paths must be a list of rank lists, not {section['paths']!r}.")

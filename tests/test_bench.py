@@ -274,8 +274,9 @@ def test_trees_plans_and_exports_sized_for_other_heads_are_refused(tmp_path, mon
     (ckpt / "heads.safetensors").write_bytes(b"v1")
     onnx = cfg.data_dir / "onnx"
     onnx.mkdir()
-    info = {k: 1 for k in ("topk", "dtype", "num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "num_heads")}
-    write_json(onnx / "export_info.json", {**info, "files": {}, "eos_token_ids": [], "heads_fingerprint": checkpoint_fingerprint(ckpt)})
+    info = {k: 1 for k in ("topk", "num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "num_heads")}
+    write_json(onnx / "export_info.json", {**info, "dtype": "float32", "files": {}, "eos_token_ids": [],
+                                           "heads_fingerprint": checkpoint_fingerprint(ckpt)})
     assert resolve_export_dir(cfg) == onnx
     (ckpt / "heads.safetensors").write_bytes(b"v2")
     with pytest.raises(ValueError, match="onnx was exported from other heads than .* holds now.*notebook 04"):
