@@ -235,6 +235,7 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
             raise RuntimeError(why + ".")
         warnings.warn(why + "; decoding on the CPU now.")
         providers = ["CPUExecutionProvider"]
+    _check_base(base, info, export_dir, fast)
     heads, embed = [], None
     if with_heads:
         heads_options = _session_options(HEADS_THREADS, False)
@@ -271,6 +272,25 @@ def _head_files(export_dir: Path, info: dict) -> list[str]:
                          f"heads ({'one per head' if info.get('token_inputs') == 'path' else 'one for all'} expected): "
                          f"the export is incomplete or edited; re-export (notebook 04).")
     return files
+
+
+def _check_base(session: ort.InferenceSession, info: dict, export_dir: Path, fast: bool) -> None:
+    """The base graph agrees with export_info.json's layers, kv heads, head size, vocabulary, hidden size
+    and precision (an edited or mixed-up file would otherwise fail inside ONNX Runtime, or not at all)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
+    past = inputs.get("past_key_values.0.key")
+    kv_heads, head_dim = (past.shape[1], past.shape[3]) if fast and past else (past.shape[2], past.shape[3]) if past else (None, None)
+    found = {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
+             "vocab_size": outputs["logits"].shape[-1] if "logits" in outputs else None,
+             "hidden_size": outputs["hidden_states"].shape[-1] if "hidden_states" in outputs else None,
+             "dtype": {"tensor(float)": "float32", "tensor(float16)": "float16"}.get(past.type if past else "")}
+    wrong = [f"{key}={info[key]!r} (the graph: {got!r})" for key, got in found.items()
+             if (isinstance(got, int) or key == "dtype") and got != info[key]]
+    if wrong:
+        raise ValueError(f"{export_dir / INFO_FILE} disagrees with the base graph it lists: {', '.join(wrong)}. The file "
+                         f"was edited or belongs to another export; re-export (notebook 04).")
 
 
 def _check_heads(export_dir: Path, info: dict, heads: list) -> None:

@@ -83,6 +83,12 @@ def test_an_edited_export_info_is_refused_naming_the_file(exports, tmp_path):
     bad = edited_copy(exports / "m1", tmp_path / "eos", eos_token_ids="2")  # would read as {"2"}: never stops
     with pytest.raises(ValueError, match=r"eos_token_ids='2'"):
         load_runtime(bad, capacity=64)
+    for field, value in (("num_layers", 3), ("kv_heads", 4), ("head_dim", 8), ("vocab_size", 96), ("hidden_size", 32),
+                         ("dtype", "float16")):  # well-formed, but not what the graphs hold
+        bad = edited_copy(exports / "m1", tmp_path / field, **{field: value})
+        for graph in ("fast", "reference"):
+            with pytest.raises(ValueError, match=rf"disagrees with the base graph it lists: {field}="):
+                load_runtime(bad, capacity=64, graph=graph)
     bad = edited_copy(exports / "m1", tmp_path / "topk", topk=5)  # the tree would index the wrong candidates
     with pytest.raises(ValueError, match=r"says topk=5 but heads.onnx gives 4 candidates"):
         load_runtime(bad, capacity=64)
