@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,11 @@ class WorkbookConfig:
     @property
     def data_dir(self) -> Path:
         """Generated artefacts of this preset: <repo>/data/<preset> (tiny never clobbers full)."""
-        return Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve() / self.name
+        root = Path(os.environ.get(DATA_ENV, repo_root() / "data")).resolve()
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"${DATA_ENV}={root} is a file: point it at a folder (the data root; each preset "
+                                     f"gets a folder inside it), or unset it for <repo>/data.")
+        return root / self.name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,8 +159,10 @@ def _check_field(name: str, value) -> list[str]:
     if name == "name":
         return [] if isinstance(value, str) and value else ["name must be a non-empty string"]
     if name in CHOICES:
-        ok = value in CHOICES[name] or (name == "device" and isinstance(value, str) and value.startswith("cuda:"))
-        named = ", ".join(repr(c) for c in CHOICES[name][:-1]) + f" or {CHOICES[name][-1]!r}"
+        ok = value in CHOICES[name] or (name == "device" and isinstance(value, str)
+                                        and re.fullmatch(r"cuda:\d+", value) is not None)  # a GPU by its index
+        named = ", ".join(repr(c) for c in CHOICES[name][:-1]) + f" or {CHOICES[name][-1]!r}" + \
+            (" (or 'cuda:N', a GPU by its index)" if name == "device" else "")
         return [] if ok and isinstance(value, str) else [f"{name} must be {named}, not {value!r}"]
     if name in OPTIONAL_STR:
         return [] if value is None or (isinstance(value, str) and value) else [f"{name} must be a path or null, not {value!r}"]

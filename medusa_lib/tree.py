@@ -293,9 +293,19 @@ def top_chain(tree: TreeBuffers) -> TreeBuffers:
     return subtree(tree, np.array([0] + [j for j, p in enumerate(tree.paths, 1) if not any(p)]))
 
 
+# What a tree or plan file may hold: the tree, the heads it was sized for, its provenance and its promise,
+# and the plan's sections. load_plan refuses any other key: a misspelt section would otherwise be ignored.
+PLAN_KEYS = ("paths", "topk", "heads_fingerprint", "source", "expected_tau", "replayed_tau", "replayed_speedup",
+             "rule", "lookup")
+
+
 def save_tree(path: str | Path, paths, topk: int, heads: str | Path | None = None, **info) -> None:
     """A tree file; with `heads` (the checkpoint folder it was sized for) it records that checkpoint's
-    fingerprint, so that a tree or plan sized for heads trained again since is refused (check_sized_for)."""
+    fingerprint, so that a tree or plan sized for heads trained again since is refused (check_sized_for).
+    `info`: more of PLAN_KEYS (a plan's sections, its source and promise)."""
+    unknown = sorted(set(info) - set(PLAN_KEYS))
+    if unknown:
+        raise ValueError(f"save_tree: {unknown} are not fields of a tree file (allowed: {', '.join(PLAN_KEYS)}).")
     paths = [tuple(p) for p in paths]
     validate_paths(paths, topk, max((len(p) for p in paths), default=0))  # a bad tree is refused here, not at its next load
     if heads is not None:
@@ -355,6 +365,7 @@ def load_plan(path: str | Path, num_heads: int) -> tuple[TreeBuffers, dict]:
     or rule on its steps). replay.choose_plan writes them; ({}: the tree alone)."""
     tree = load_tree(path, num_heads)
     raw = read_json(path)
+    _known_keys(raw, PLAN_KEYS, path, "the file")
     kwargs = {"rule": _rule(raw["rule"], path, "'rule'")} if "rule" in raw and raw["rule"] is not None else {}
     section = raw.get("lookup")
     if section is None:

@@ -26,7 +26,7 @@ BAD = [  # (override, what the message must say): each was accepted, or failed l
     ({"cost_curve_sizes": ()}, "cost_curve_sizes must be a non-empty list"),
     ({"bench_methods": ()}, "bench_methods must be a non-empty list"),
     ({"bench_methods": ("ort", "fast")}, "bench_methods must be a non-empty list from"),
-    ({"device": "gpu"}, "device must be 'auto', 'cpu' or 'cuda', not 'gpu'"),
+    ({"device": "gpu"}, "device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N', a GPU by its index), not 'gpu'"),
     ({"int8_heads": 1}, "int8_heads must be true or false, not 1"),
     ({"loss_decay": 0}, "loss_decay must be 0 < x <= 1, not 0"),
     ({"base_graph": "quick"}, "base_graph must be 'auto', 'fast' or 'reference', not 'quick'"),

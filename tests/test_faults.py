@@ -58,6 +58,10 @@ def test_plan_files_with_misspelt_keys_or_a_lookup_that_cannot_fire_are_refused(
         load_plan(plan(tmp_path, lookup={"tokens": 3, "min_ngram": 5}), 3)
     with pytest.raises(ValueError, match=r"plan.json: the lookup's tokens must be a whole number in 0..64"):
         load_plan(plan(tmp_path, lookup={"tokens": 100000}), 3)
+    with pytest.raises(ValueError, match=r"plan.json: the file has unknown key\(s\) \['rules'\]"):
+        load_plan(plan(tmp_path, rules={"budget": 1}), 3)
+    with pytest.raises(ValueError, match=r"save_tree: \['rules'\] are not fields of a tree file"):
+        save_tree(tmp_path / "written.json", [(0,)], 4, rules={"budget": 1})
     tree, kwargs = load_plan(plan(tmp_path, rule={"budget": 2, "min_prob": 0.1}, lookup={"tokens": 3, "min_ngram": 2}), 3)
     assert kwargs == {"rule": DraftRule(2, 0.1), "lookup": 3, "lookup_min_ngram": 2} and tree.size == 4
 
@@ -74,6 +78,16 @@ def test_trees_and_rules_are_checked_where_they_are_made(tmp_path):
         get_config("tiny", train_stepz=3)
     with pytest.raises(ValueError, match="each named once"):
         get_config("tiny", bench_methods=("ort", "ort"))
+    with pytest.raises(ValueError, match="device must be .* \\(or 'cuda:N', a GPU by its index\\), not 'cuda:x'"):
+        get_config("tiny", device="cuda:x")
+    assert get_config("tiny", device="cuda:1").device == "cuda:1"
+
+
+def test_a_data_root_that_is_a_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBOOK_DATA", str(tmp_path / "notes.txt"))
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"WORKBOOK_DATA=.*notes.txt is a file: point it at a folder"):
+        get_config("tiny").data_dir
 
 
 def test_an_edited_export_info_is_refused_naming_the_file(exports, tmp_path):
