@@ -239,8 +239,9 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
     heads, embed = [], None
     if with_heads:
         heads_options = _session_options(HEADS_THREADS, False)
-        heads = [_session(export_dir / name, heads_options, providers) for name in _head_files(export_dir, info)]
-        _check_heads(export_dir, info, heads)
+        names = _head_files(export_dir, info)
+        heads = [_session(export_dir / name, heads_options, providers) for name in names]
+        _check_heads(export_dir, info, names, heads)
         if heads and info.get("token_inputs", "none") != "none":
             embed = _embeddings(export_dir, info)
     device = torch.device("cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
@@ -280,8 +281,8 @@ def _check_base(session: ort.InferenceSession, info: dict, export_dir: Path, fas
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
-    past = inputs.get("past_key_values.0.key")
-    kv_heads, head_dim = (past.shape[1], past.shape[3]) if fast and past else (past.shape[2], past.shape[3]) if past else (None, None)
+    past = inputs.get("past_key_values.0.key")  # (1, Hkv, S, D) in the fast graph, (1, P, Hkv, D) in the reference one
+    kv_heads, head_dim = (past.shape[1 if fast else 2], past.shape[3]) if past else (None, None)
     found = {"num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
              "vocab_size": outputs["logits"].shape[-1] if "logits" in outputs else None,
              "hidden_size": outputs["hidden_states"].shape[-1] if "hidden_states" in outputs else None,
@@ -293,10 +294,10 @@ def _check_base(session: ort.InferenceSession, info: dict, export_dir: Path, fas
                          f"was edited or belongs to another export; re-export (notebook 04).")
 
 
-def _check_heads(export_dir: Path, info: dict, heads: list) -> None:
-    """The heads graphs agree with export_info.json: each gives `topk` candidates, and sequential head k
-    reads the root and k path tokens (a mismatch would draft the wrong candidates, quietly)."""
-    names = _head_files(export_dir, info)
+def _check_heads(export_dir: Path, info: dict, names: list[str], heads: list) -> None:
+    """The heads graphs (files `names`, sessions `heads`) agree with export_info.json: each gives `topk`
+    candidates, and sequential head k reads the root and k path tokens (a mismatch would draft the
+    wrong candidates, quietly)."""
     for k, (name, session) in enumerate(zip(names, heads)):
         got = session.get_outputs()[0].shape[-1]
         if isinstance(got, int) and got != info["topk"]:
@@ -336,7 +337,9 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
         if info[key] != rt.info[key]:
             raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
     options, providers = _session_options(HEADS_THREADS, False), rt.base.get_providers()
-    heads = [_session(Path(export_dir) / name, options, providers) for name in _head_files(Path(export_dir), info)]
+    names = _head_files(Path(export_dir), info)
+    heads = [_session(Path(export_dir) / name, options, providers) for name in names]
+    _check_heads(Path(export_dir), info, names, heads)  # as load_runtime checks its own
     embed = _embeddings(Path(export_dir), info) if info.get("token_inputs", "none") != "none" else None
     return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (
         "files", "topk", "num_heads", "token_inputs", "head_vocab", "int8_heads") if k in info}})
