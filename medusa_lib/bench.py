@@ -33,7 +33,7 @@ import numpy as np
 from medusa_lib.config import BENCH_METHODS, WEIGHTS, WorkbookConfig, get_config, hydra_config, method_known, repo_root, split_method
 from medusa_lib.export import resolve_export_dir
 from medusa_lib.files import read_json, write_json
-from medusa_lib.tree import build_tree, chain_paths, check_sized_for, load_plan, plan_size, save_tree
+from medusa_lib.tree import TreeBuffers, build_tree, chain_paths, check_sized_for, load_plan, plan_size, save_tree
 
 ALL_METHODS = BENCH_METHODS
 ORT_METHODS = ("ort", "ort_ref", "medusa_chain", "medusa_tree", "hydra_tree", "hydra_pld")
@@ -206,17 +206,17 @@ def final_accuracies(log_csv: str | Path, conditional: bool = True) -> np.ndarra
     return last[[f"{prefix}@{k}" for k in range(1, 6)]].to_numpy()
 
 
-def heads_seconds(rt, reps: int = 10, prefix: int = 200) -> float:
-    """Seconds for one heads call (the one call of Medusa-1 / root-aware heads, or one depth's call
-    of sequential heads on a single parent), median of `reps`, each timed as the decoding loop meets
-    it: right after a verification pass. Timed back to back instead, a sequential heads call read
-    0.4-0.7 ms on the project's CPU against 1.0-1.1 ms a call in the benchmark's loop (1.3-1.5 ms timed
-    here), and the replay priced its plans with the cheaper figure. The pass, streaming the base's
-    weights, leaves the heads' weights out of the caches (tools/probes/heads_calls.py: three depths'
-    calls 3.44 ms right after a pass against 1.52 ms back to back, docs/engine.md)."""
+def heads_seconds(rt, tree: TreeBuffers | None = None, reps: int = 10, prefix: int = 200) -> float:
+    """Seconds the heads cost a step, as the replay prices them: Medusa-1 / root-aware heads, their one
+    call; sequential heads, their one call drafting `tree` (the menu a plan drafts from; default a
+    one-node chain) divided by its depth, a price per depth. Median of `reps`, each timed as the
+    decoding loop meets it: right after a verification pass. Timed back to back instead, a sequential
+    heads call read 0.4-0.7 ms on the project's CPU against 1.0-1.1 ms a call in the benchmark's loop,
+    and the replay priced its plans with the cheaper figure: the pass, streaming the base's weights,
+    leaves the heads' weights out of the caches (tools/probes/heads_calls.py, docs/engine.md)."""
     from medusa_lib.decoding import propose, run_base
 
-    tree = build_tree(chain_paths(1), rt.info["topk"], rt.info["num_heads"])
+    tree = tree or build_tree(chain_paths(1), rt.info["topk"], rt.info["num_heads"])
     hidden = rt.hidden_buf[0, 0]  # (C,) what the pass below leaves there
     ids, positions = np.zeros(1, dtype=np.int64), np.arange(prefix, prefix + 1)
     bias = np.zeros((1, 1, 1, prefix + 1), dtype=rt.np_dtype)
@@ -226,7 +226,8 @@ def heads_seconds(rt, reps: int = 10, prefix: int = 200) -> float:
         t = time.perf_counter()
         propose(rt, 0, hidden, tree)
         times.append(time.perf_counter() - t)
-    return float(np.median(times[1:]))
+    per_depth = rt.info.get("token_inputs") == "path"
+    return float(np.median(times[1:])) / (max(1, tree.heads_depth) if per_depth else 1)
 
 
 # ----------------------------------------------------------------------------------------------

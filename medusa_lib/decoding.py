@@ -38,6 +38,7 @@ from medusa_lib.export import BASE_FILE, EMBED_FILE, INFO_FILE, MASKED, TreeStep
 from medusa_lib.fast_graph import SPARE_ROWS, fast_io_names, max_positions_of
 from medusa_lib.quant import WEIGHTS
 from medusa_lib.tree import PAD, DraftRule, TreeBuffers, check_lookup, grow_draft, prompt_lookup, subtree, top_chain, with_lookup
+from medusa_lib.tree_heads import TreeHeads
 
 TYPICAL_EPS = 0.09  # epsilon and alpha of typical acceptance (Medusa paper, section 2.3.1)
 TYPICAL_ALPHA = 0.3
@@ -68,6 +69,9 @@ class OrtRuntime:
     step_buf: torch.Tensor | None = None  # fast graph: (2, max_nodes) int64 ids and positions of a pass
     seq_buf: torch.Tensor | None = None  # fast graph: (2,) int32 seqlens_k = n+T-1, total_sequence_length = n+T
     bindings: dict = field(default_factory=dict)  # fast graph: pass width T -> its IO binding (cache bound once)
+    tree_heads: dict = field(default_factory=dict)  # sequential heads: a tree's paths -> its TreeHeads (one call a step)
+    heads_options: ort.SessionOptions | None = None  # how the heads' sessions (and TreeHeads) are made
+    heads_dir: Path | None = None  # the export the heads come from
     base_s: list = field(default_factory=lambda: [0.0])  # seconds inside the base graph's runs (ORT), summed
 
     def token_rows(self) -> torch.Tensor:
@@ -127,19 +131,23 @@ def execution_providers(provider: str = "auto") -> list[str]:
 
 
 def _session_options(threads: int = 0, spin: bool = False) -> ort.SessionOptions:
+    """Options of a session with its own pool of `threads` (0 = one per core). With `spin`, its workers
+    spin while a run lasts (no sleep and wake between operators) and stop when it returns, so the next
+    session to run, the heads after the base or the base after the heads, has the cores to itself."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1" if spin else "0")
     return options
 
 
-# Threads on the CPU (docs/engine.md). The base's workers spin between passes, so a pass starts at
-# once; the heads run on the caller's thread alone, so no pool of theirs fights the base's spinning
-# workers for the cores. Measured on 2 cores (Intel Xeon, fast graph, 8 outside prompts): plain
-# 39 -> 48 tok/s, hydra_pld 55 -> 62 tok/s; spinning with the heads on their own 2-thread pools
-# instead halved hydra_pld (27 tok/s), which is why spinning was off before.
-HEADS_THREADS = 1
+# Threads on the CPU (docs/engine.md). The base and the heads each get a pool of one thread per core
+# whose workers spin while a run lasts and stop when it returns. Measured on 2 cores (Intel Xeon, fast
+# graph): spinning took plain decoding from 39 to 48 tok/s; heads on 2 threads of their own beside a
+# base whose workers kept spinning after its runs halved hydra_pld (27 tok/s); heads on the caller's
+# thread alone took 3.2 ms a step after a pass, on 2 threads with the base's spinning stopped 2.0-2.2 ms
+# (tools/probes/heads_calls.py).
 
 
 def _session(path: Path, options, providers) -> ort.InferenceSession:
@@ -237,8 +245,8 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
         providers = ["CPUExecutionProvider"]
     _check_base(base, info, export_dir, fast)
     heads, embed = [], None
+    heads_options = _session_options(threads, spin)
     if with_heads:
-        heads_options = _session_options(HEADS_THREADS, False)
         names = _head_files(export_dir, info)
         heads = [_session(export_dir / name, heads_options, providers) for name in names]
         _check_heads(export_dir, info, names, heads)
@@ -259,7 +267,7 @@ def load_runtime(export_dir: str | Path, capacity: int, threads: int = 0, provid
         graph="fast" if fast else "reference", weights=weights,
         bias_buf=torch.zeros(max_nodes * capacity, dtype=dtype, device=device),
         step_buf=torch.zeros(2, max_nodes, dtype=torch.int64) if fast else None,
-        seq_buf=torch.zeros(2, dtype=torch.int32) if fast else None,
+        seq_buf=torch.zeros(2, dtype=torch.int32) if fast else None, heads_options=heads_options, heads_dir=export_dir,
     )
 
 
@@ -336,13 +344,14 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
     for key in ("num_layers", "kv_heads", "head_dim", "hidden_size", "vocab_size", "dtype"):
         if info[key] != rt.info[key]:
             raise ValueError(f"{export_dir} was exported from another base ({key} {info[key]} vs {rt.info[key]}).")
-    options, providers = _session_options(HEADS_THREADS, False), rt.base.get_providers()
+    providers = rt.base.get_providers()
     names = _head_files(Path(export_dir), info)
-    heads = [_session(Path(export_dir) / name, options, providers) for name in names]
+    heads = [_session(Path(export_dir) / name, rt.heads_options, providers) for name in names]
     _check_heads(Path(export_dir), info, names, heads)  # as load_runtime checks its own
     embed = _embeddings(Path(export_dir), info) if info.get("token_inputs", "none") != "none" else None
-    return dataclasses.replace(rt, heads=heads, embed=embed, info={**rt.info, **{k: info[k] for k in (
-        "files", "topk", "num_heads", "token_inputs", "head_vocab", "int8_heads") if k in info}})
+    return dataclasses.replace(rt, heads=heads, embed=embed, tree_heads={}, heads_dir=Path(export_dir),
+                               info={**rt.info, **{k: info[k] for k in ("files", "topk", "num_heads", "token_inputs", "head_vocab",
+                                                       "int8_heads") if k in info}})
 
 
 def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray | torch.Tensor, n: int,
@@ -474,9 +483,9 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     """2. Tree tokens (N,): the root, then each node's candidate from its head's top-k.
 
     Medusa-1 and root-aware heads: one call gives every head's top-k; a node takes rank p[-1] of
-    head len(p)-1 (the candidate vector of docs/design.md). Sequential heads: depth by depth, one
-    call per depth batched over that depth's parents; a node takes rank p[-1] of its head given its
-    own parent path."""
+    head len(p)-1 (the candidate vector of docs/design.md). Sequential heads: depth by depth, each
+    depth batched over its parents, all in one call (tree_heads.py); a node takes rank p[-1] of its
+    head given its own parent path."""
     if not tree.paths:  # no heads' nodes (a tree of the root and a prompt-lookup chain only)
         return np.full(tree.size, root, dtype=np.int64)
     if rt.info.get("token_inputs") == "path":
@@ -486,21 +495,22 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     return candidates[tree.tree_indices]  # (N,)
 
 
-def _head_topk(rt: OrtRuntime, d: int, h: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Head d's top-k ids and probabilities (B, topk) for hidden state h (1, C) and each row of
-    `path` (B, d+1): the root .. the parent whose children are asked for."""
-    return tuple(rt.heads[d].run(None, {"hidden_states": np.repeat(h, len(path), axis=0),  # (B, C)
-                                        "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)}))
+def tree_heads(rt: OrtRuntime, tree: TreeBuffers) -> TreeHeads:
+    """Sequential heads: the one graph that drafts every node of `tree` (tree_heads.py), made at its
+    first use and kept per tree."""
+    if tree.paths not in rt.tree_heads:
+        files = [rt.heads_dir / name for name in _head_files(rt.heads_dir, rt.info)]
+        rt.tree_heads[tree.paths] = TreeHeads(files, tree, rt.embed, rt.heads_options, rt.base.get_providers())
+    return rt.tree_heads[tree.paths]
 
 
 def propose_sequential(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) -> np.ndarray:
-    """2, for sequential heads: head d reads the root and the path of each parent at depth d."""
-    tokens = np.empty(tree.size, dtype=np.int64)
-    tokens[0] = root
-    h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
-    for d, level in enumerate(tree.levels):  # the nodes at depth d+1
-        ids, _ = _head_topk(rt, d, h, tokens[tree.ancestors[level.parents, : d + 1]])  # (B, topk) each
-        tokens[level.children] = ids[level.slot, level.rank]  # (n_d,) from (B, topk)
+    """2, for sequential heads: head d reads the root and the path of each parent at depth d; all
+    depths in one call (tree_heads). A prompt-lookup chain's nodes (after the heads' nodes) hold the root
+    until the chain is written there."""
+    tokens = np.full(tree.size, root, dtype=np.int64)  # (N,)
+    drafted = tree_heads(rt, tree)(root, hidden.reshape(1, -1).cpu().numpy())[0]  # (1 + heads' nodes,)
+    tokens[: len(drafted)] = drafted
     return tokens
 
 
@@ -510,33 +520,22 @@ def draft(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers,
     and each node's own probability (N,) (its head's, given its parent path; the root's 1; NaN where
     no head was asked, whose tokens are placeholders).
 
-    Sequential heads run depth by depth on the drafted parents only; Medusa-1 and root-aware heads
-    make their one call, whose top-k gives every node at once."""
-    tokens = np.full(tree.size, root, dtype=np.int64)  # (N,)
-    own = np.full(tree.size, np.nan)  # (N,)
-    own[0] = 1.0  # the root is the base's own choice
-    if not tree.paths:  # an empty menu (the root and a prompt-lookup chain only): no heads to ask
-        return np.zeros(1, dtype=np.int64), tokens, own
+    The heads make their one call, which gives every node of the tree at once (sequential heads:
+    every depth, on every parent); the rule then keeps the nodes the heads are surest of."""
+    if not tree.paths or not rule.budget:  # an empty menu or no node allowed: no heads to ask
+        own = np.full(tree.size, np.nan)  # (N,) NaN: no head was asked
+        own[0] = 1.0
+        return np.zeros(1, dtype=np.int64), np.full(tree.size, root, dtype=np.int64), own
     if rt.info.get("token_inputs") == "path":
-        h = hidden.reshape(1, -1).cpu().numpy()  # (1, C)
-
-        def expand(d, on):
-            level = tree.levels[d]
-            ids, probs = _head_topk(rt, d, h, tokens[tree.ancestors[level.parents[on], : d + 1]])  # (B', topk) each
-            under = on[level.slot]  # (n,)
-            slot = (np.cumsum(on) - 1)[level.slot[under]]  # (n',) index into parents
-            children = level.children[under]
-            tokens[children] = ids[slot, level.rank[under]]
-            own[children] = probs[slot, level.rank[under]]
-            return own[children]
+        tokens, own = tree_heads(rt, tree)(root, hidden.reshape(1, -1).cpu().numpy())  # (N,), (N,)
     else:
         ids, probs = run_heads(rt, hidden, root)  # (K, topk) each
-        tokens[:] = np.concatenate([[root], ids.reshape(-1)])[tree.tree_indices]  # (N,)
-        own[:] = np.concatenate([[1.0], probs.reshape(-1)])[tree.tree_indices]  # (N,)
+        tokens = np.concatenate([[root], ids.reshape(-1)])[tree.tree_indices]  # (N,)
+        own = np.concatenate([[1.0], probs.reshape(-1)])[tree.tree_indices]  # (N,)
 
-        def expand(d, on):
-            level = tree.levels[d]
-            return own[level.children[on[level.slot]]]
+    def expand(d, on):
+        level = tree.levels[d]
+        return own[level.children[on[level.slot]]]
     return grow_draft(tree, rule, expand), tokens, own
 
 

@@ -111,7 +111,8 @@ class _Lookups:
 class _Drafts:
     """What a DraftRule drafts at every reply position, replayed on the recorded tree (the menu) and
     its probabilities with tree.grow_draft, the decoder's own procedure: (longest confirmed path,
-    nodes drafted with the root, heads' calls), memoised."""
+    nodes drafted with the root, depths the heads ran), memoised. The decoder's heads draft the whole
+    menu in their one call (tree_heads.py), so a step that asks them runs every depth of the menu."""
 
     def __init__(self, replays: list[Replay], tree: TreeBuffers):
         if any(rep.probs is None for rep in replays):
@@ -131,7 +132,7 @@ class _Drafts:
 
             nodes = grow_draft(tree, rule, expand)
             L = max((len(tree.paths[j - 1]) for j in nodes[1:] if tree.paths[j - 1] in rep.right[i]), default=0)
-            self.memo[key] = (L, len(nodes), len(calls))
+            self.memo[key] = (L, len(nodes), tree.heads_depth if calls else 0)
         return self.memo[key]
 
 
@@ -309,10 +310,13 @@ def describe_plan(plan: dict) -> str:
     if plan["rule"]:
         rule = plan["rule"]
         text = f"drafted by rule (at most {rule['budget']} of the menu's nodes, path probability >= {rule['min_prob']})"
-    else:
+    elif plan["nodes"] > 1:
         text = f"{plan['nodes']} nodes"
+    else:
+        text = "no heads' nodes (the root alone)"
     if plan["lookup"]:
         text += f", lookup {plan['lookup']} tokens on a repeated {plan['min_ngram']}-gram"
         if plan.get("lookup_rule"):
-            text += f", then at most {plan['lookup_rule']['budget']} heads' nodes"
+            budget = plan["lookup_rule"]["budget"]
+            text += f", then at most {budget} heads' nodes" if budget else ", then no heads' nodes"
     return f"{text}; replayed tau {plan['tau']:.2f}, {plan['speedup']:.2f}x plain"

@@ -90,6 +90,12 @@ def test_a_draft_rule_is_replayed_and_chosen_where_the_heads_know_when_they_are_
     cost = {1: 0.010, 2: 0.0105, 3: 0.012}
     sure = simulate([rep], menu.paths, cost, 0.0, per_depth=False, rule=DraftRule(2, 0.5), drafts=_Drafts([rep], menu))
     assert sure["steps"] == 3 and sure["tok_per_s"] == pytest.approx(6 / (0.012 + 0.0105 + 0.010))  # T = 3, 2, 1
+    # sequential heads draft the whole menu in one call: every step that asks them pays for both depths,
+    # also where the rule keeps depth 0's node alone (root 3) or nothing (the last step)
+    priced = simulate([rep], menu.paths, cost, 0.001, per_depth=True, rule=DraftRule(2, 0.5), drafts=_Drafts([rep], menu))
+    assert priced["tok_per_s"] == pytest.approx(6 / (0.012 + 0.0105 + 0.010 + 3 * 2 * 0.001))
+    none = simulate([rep], menu.paths, cost, 0.001, per_depth=True, rule=DraftRule(0), drafts=_Drafts([rep], menu))
+    assert none["tok_per_s"] == pytest.approx(6 / (6 * 0.010))  # budget 0: the heads are not asked
     best, _ = choose_plan([rep], rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2)), cost, 0.0, per_depth=False,
                           max_budget=2, menu=menu)
     static, _ = choose_plan([rep], rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2)), cost, 0.0, per_depth=False,
@@ -329,3 +335,12 @@ def test_the_cost_curve_times_one_token_passes_back_to_back_after_the_round_robi
     widths.clear()
     verify_cost_curve(Runtime(), (2, 4), reps=3)  # no T=1 asked: nothing extra
     assert widths == [2, 4] + [2, 4] * 3
+
+
+def test_a_plan_without_heads_nodes_is_described_in_words():
+    from medusa_lib.replay import describe_plan
+    lookup_only = {"rule": None, "nodes": 1, "lookup": 5, "min_ngram": 3, "lookup_rule": None, "tau": 1.5, "speedup": 1.1}
+    assert describe_plan(lookup_only).startswith("no heads' nodes (the root alone), lookup 5 tokens on a repeated 3-gram;")
+    ruled = {**lookup_only, "rule": {"budget": 5, "min_prob": 0.0}, "lookup_rule": {"budget": 0, "min_prob": 0.0}}
+    assert "at most 5 of the menu's nodes" in describe_plan(ruled) and "then no heads' nodes" in describe_plan(ruled)
+    assert describe_plan({**lookup_only, "nodes": 4, "lookup": 0}).startswith("4 nodes;")

@@ -165,6 +165,42 @@ def test_token_heads_propose_what_pytorch_ranks_and_stay_lossless(tiny_llama, to
         assert generate(rt, prompt, tree, 30, eos_token_ids=[])[0] == hf_greedy(tiny_llama, prompt, 30)
 
 
+def test_one_heads_call_drafts_what_the_per_depth_graphs_draft(token_export):
+    """tree_heads.py: the sequential heads of a whole tree wired into one graph give every node the
+    token and probability that the per-depth graphs give, called depth by depth on the same parents
+    (the same kernels on the same rows; float rounding aside), and hold the shared output layer once."""
+    import onnx
+    from onnx import numpy_helper
+
+    from medusa_lib.decoding import draft
+    from medusa_lib.tree import DraftRule
+    from medusa_lib.tree_heads import tree_heads_graph
+    heads, folder = token_export
+    if heads.config.token_inputs != "path":
+        pytest.skip("one graph per depth exists for sequential heads only")
+    rt = load_runtime(folder, capacity=64, max_nodes=16)
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        hidden, root = torch.from_numpy(rng.standard_normal(64).astype(np.float32)), int(rng.integers(0, 97))
+        _, tokens, probs = draft(rt, root, hidden, tree, DraftRule(len(TREE)))  # one call
+        want, want_p = np.full(tree.size, -1), np.full(tree.size, np.nan)
+        want[0], want_p[0] = root, 1.0
+        for d, level in enumerate(tree.levels):  # depth by depth, each depth's graph on all its parents
+            path = want[tree.ancestors[level.parents, : d + 1]]  # (B, d+1)
+            ids, p = rt.heads[d].run(None, {"hidden_states": np.repeat(hidden.numpy()[None], len(path), axis=0),
+                                            "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)})
+            want[level.children], want_p[level.children] = ids[level.slot, level.rank], p[level.slot, level.rank]
+        np.testing.assert_array_equal(tokens, want)
+        np.testing.assert_allclose(probs, want_p, rtol=0, atol=1e-6)
+    graph = tree_heads_graph([folder / f"heads_{k}.onnx" for k in range(3)], tree).graph
+    contents = [numpy_helper.to_array(init).tobytes() for init in graph.initializer if np.prod(init.dims) > 100]
+    assert len(contents) == len(set(contents))  # each weight once, the output layer the heads share included
+    per_head = sum(sum(np.prod(i.dims) > 100 for i in onnx.load(str(folder / f"heads_{k}.onnx")).graph.initializer)
+                   for k in range(3))
+    assert len(contents) < per_head
+
+
 def test_draft_rules_change_the_passes_not_the_output(tiny_llama, rt, token_export):
     """Drafting only the surest nodes of a tree (tree.DraftRule) each step: every rule, with and
     without a prompt-lookup chain, gives plain greedy's tokens; the passes differ in size."""
