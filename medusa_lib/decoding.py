@@ -500,7 +500,8 @@ def tree_heads(rt: OrtRuntime, tree: TreeBuffers) -> TreeHeads:
     first use and kept per tree."""
     if tree.paths not in rt.tree_heads:
         files = [rt.heads_dir / name for name in _head_files(rt.heads_dir, rt.info)]
-        rt.tree_heads[tree.paths] = TreeHeads(files, tree, rt.embed, rt.heads_options, rt.base.get_providers())
+        rt.tree_heads[tree.paths] = TreeHeads(files, tree, rt.embed, rt.heads_options, rt.base.get_providers(),
+                                              rt.device.index or 0)
     return rt.tree_heads[tree.paths]
 
 

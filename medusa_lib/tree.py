@@ -253,12 +253,12 @@ def confident_nodes(path_probs: np.ndarray, rule: DraftRule) -> np.ndarray:
 
 
 def grow_draft(tree: TreeBuffers, rule: DraftRule, expand) -> np.ndarray:
-    """The drafted nodes of `tree` under `rule`, found depth by depth: a depth's heads run only on
+    """The drafted nodes of `tree` under `rule`, found depth by depth: a depth is looked at only under
     parents that are drafted so far, since a child is never surer than its parent.
 
-    expand(d, on) runs head d on the parents tree.levels[d].parents[on] ((B,) bool) and returns the
-    probabilities (n',) of their children tree.levels[d].children[on[slot]] given their parent
-    path: the decoder calls the heads there, the replay reads what it recorded."""
+    expand(d, on) returns the probabilities (n',) of the children tree.levels[d].children[on[slot]]
+    of the parents tree.levels[d].parents[on] ((B,) bool), given their parent path: the decoder reads
+    them from its heads' one call for the whole tree, the replay from what it recorded."""
     path_probs = np.full(tree.size, -1.0)  # (N,)
     path_probs[0] = 1.0
     drafted = np.zeros(tree.size, dtype=bool)  # (N,)

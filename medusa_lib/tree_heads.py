@@ -109,13 +109,16 @@ def tree_heads_graph(head_files: list[Path], tree: TreeBuffers) -> onnx.ModelPro
 
 
 class TreeHeads:
-    """A session of tree_heads_graph for one tree, with the embedding table bound once (on the CPU
-    ONNX Runtime reads the memory-mapped table where it lies)."""
+    """A session of tree_heads_graph for one tree, with the embedding table placed once where the
+    session runs: on the CPU ONNX Runtime reads the memory-mapped table where it lies; with the CUDA
+    provider the table is copied to the card once, not at every call."""
 
-    def __init__(self, head_files: list[Path], tree: TreeBuffers, embed: np.ndarray, options, providers):
+    def __init__(self, head_files: list[Path], tree: TreeBuffers, embed: np.ndarray, options, providers,
+                 device_id: int = 0):
         self.session = ort.InferenceSession(tree_heads_graph(head_files, tree).SerializeToString(), options,
                                             providers=providers)
-        self.embed = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(embed))
+        on_card = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.embed = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(embed), *(("cuda", device_id) if on_card else ()))
 
     def __call__(self, root: int, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """root id and hidden (1, C) -> every node's token (N,) and its head's probability (N,)."""

@@ -5,7 +5,8 @@ right after a one-token pass of the base, as the decoding loop meets them (the p
 base's weights through the caches first), and back to back (warm):
 
 - one ONNX Runtime call per depth, on the caller's thread or on a pool of one thread per core;
-- one call of the graph that chains every depth (tree_heads.py, what decoding runs), the same two ways.
+- one call of the graph that chains every depth (tree_heads.py, what decoding runs), the same two ways;
+- with a plan that drafts by a rule: one call per depth on only the parents the rule drafted so far.
 
 The base runs as decoding loads it: one thread per core, workers spinning during a run and stopped
 when it returns. --base-keeps-spinning lets its workers spin on after each run instead.
@@ -20,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from medusa_lib import decoding
-from medusa_lib.tree import build_tree, chain_paths, load_plan
+from medusa_lib.tree import build_tree, chain_paths, grow_draft, load_plan
 from medusa_lib.tree_heads import TreeHeads
 
 
@@ -74,6 +75,21 @@ def main() -> None:
             found[level.children] = ids[level.slot, level.rank]
         return found
     assert all(np.array_equal(per_depth(s), tokens) for s in sessions.values()), "one call drafts other tokens"
+    rule = load_plan(args.plan, rt.info["num_heads"])[1].get("rule") if args.plan else None
+
+    def rule_depths(heads):  # the former decoding: each depth only on the parents the rule drafted so far
+        found = np.full(tree.size, root)
+
+        def expand(d, on):
+            level = tree.levels[d]
+            path = found[tree.ancestors[level.parents[on], : d + 1]]  # (B', d+1)
+            ids, p = heads[d].run(None, {"hidden_states": np.repeat(h, len(path), axis=0),
+                                         "token_embeddings": np.asarray(rt.embed[path.reshape(-1)]).reshape(*path.shape, -1)})
+            under = on[level.slot]
+            slot = (np.cumsum(on) - 1)[level.slot[under]]
+            found[level.children[under]] = ids[slot, level.rank[under]]
+            return p[slot, level.rank[under]]
+        return grow_draft(tree, rule, expand)
     n = 100
 
     def base_pass():
@@ -83,6 +99,9 @@ def main() -> None:
 
     variants = {**{f"{len(tree.levels)} calls, {name}": (lambda s=s: per_depth(s)) for name, s in sessions.items()},
                 **{f"one call, {name}": (lambda c=c: c(root, h)) for name, c in chained.items()}}
+    if rule is not None:
+        variants.update({f"per depth on the parents {rule} drafts, {name}": (lambda s=s: rule_depths(s))
+                         for name, s in sessions.items()})
     print(f"ONNX Runtime {ort.__version__}; {args.export_dir}, a {tree.size}-node tree of {len(tree.levels)} depths; "
           f"base workers {'spin on' if args.base_keeps_spinning else 'stop'} after a run; ms, median of 40")
     print("heads | warm | right after a base pass | the base pass")
