@@ -686,6 +686,10 @@ def generate(rt: OrtRuntime, prompt_ids, tree: TreeBuffers | None = None, max_ne
             check_tree(rt, lookup_tree)
         if rt.weights != "fp32":  # quantised graphs: chains only (see OrtRuntime.weights)
             tree, lookup_tree = top_chain(tree), (subtree(tree, np.array([0])) if lookup else None)
+    if medusa and rt.info.get("token_inputs") == "path":  # the heads' graphs made before the clock starts
+        for menu in (tree, lookup_tree or tree):
+            if menu.paths:
+                tree_heads(rt, menu)
     looked = with_lookup(tree if lookup_tree is None else lookup_tree, lookup) if medusa else None
     N = max(tree.size, looked.size) if medusa else 1
     if N > rt.logits_buf.shape[1]:
