@@ -351,7 +351,8 @@ def with_heads_of(rt: OrtRuntime, export_dir: str | Path) -> OrtRuntime:
     embed = _embeddings(Path(export_dir), info) if info.get("token_inputs", "none") != "none" else None
     return dataclasses.replace(rt, heads=heads, embed=embed, tree_heads={}, heads_dir=Path(export_dir),
                                info={**rt.info, **{k: info[k] for k in ("files", "topk", "num_heads", "token_inputs", "head_vocab",
-                                                       "int8_heads") if k in info}})
+                                                       "int8_heads") if k in info},
+                                     "heads_fingerprint": info.get("heads_fingerprint")})
 
 
 def run_base(rt: OrtRuntime, ids: np.ndarray, positions: np.ndarray, bias: np.ndarray | torch.Tensor, n: int,
@@ -497,9 +498,19 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
 
 def tree_heads(rt: OrtRuntime, tree: TreeBuffers) -> TreeHeads:
     """Sequential heads: the one graph that drafts every node of `tree` (tree_heads.py), made at its
-    first use and kept per tree."""
+    first use from the export's heads files and kept per tree. Heads exported again into the folder
+    since the runtime was loaded are refused (they would draft for other heads than it checked)."""
     if tree.paths not in rt.tree_heads:
+        now = read_export_info(rt.heads_dir)
+        if now.get("heads_fingerprint") != rt.info.get("heads_fingerprint") or \
+                now["files"].get("heads") != rt.info["files"].get("heads"):
+            raise RuntimeError(f"{rt.heads_dir} holds other heads than when this runtime was loaded (exported again "
+                               f"since): load the runtime again (decoding.load_runtime, or with_heads_of).")
         files = [rt.heads_dir / name for name in _head_files(rt.heads_dir, rt.info)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} is missing since this runtime was loaded: re-export (notebook 04) "
+                                    f"and load the runtime again.")
         rt.tree_heads[tree.paths] = TreeHeads(files, tree, rt.embed, rt.heads_options, rt.base.get_providers(),
                                               rt.device.index or 0)
     return rt.tree_heads[tree.paths]

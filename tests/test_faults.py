@@ -159,3 +159,23 @@ def test_heads_with_non_finite_weights_are_refused(tiny_llama, tmp_path):
     save_heads(heads, tmp_path / "heads")
     with pytest.raises(ValueError, match=r"heads.safetensors holds non-finite weights"):
         load_heads(tmp_path / "heads", tiny_llama)
+
+
+def test_sequential_heads_exported_again_after_loading_are_refused_not_mixed(exports, tmp_path):
+    """The heads' one-call graph (tree_heads.py) is made from the export's files at its first use; if the
+    folder was exported again in between, decoding stops with one message instead of drafting with
+    heads other than those the runtime checked (and without touching the files)."""
+    folder = edited_copy(exports / "seq", tmp_path / "seq")
+    rt = load_runtime(folder, capacity=64, max_nodes=16)
+    info = read_json(folder / "export_info.json")
+    (folder / "export_info.json").write_text(json.dumps({**info, "heads_fingerprint": "0123456789abcdef"}))
+    before = (folder / "heads_0.onnx").read_bytes()
+    with pytest.raises(RuntimeError, match=r"seq holds other heads than when this runtime was loaded .*load the runtime again"):
+        generate(rt, PROMPT, build_tree([(0,), (0, 0)], 4, 3), 5)
+    assert (folder / "heads_0.onnx").read_bytes() == before
+    (folder / "export_info.json").write_text(json.dumps(info))
+    (folder / "heads_1.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match=r"heads_1.onnx is missing since this runtime was loaded: re-export"):
+        generate(rt, PROMPT, build_tree([(0,), (0, 0)], 4, 3), 5)
+    fresh = load_runtime(exports / "seq", capacity=64, max_nodes=16)  # the untouched export decodes
+    assert len(generate(fresh, PROMPT, build_tree([(0,), (0, 0)], 4, 3), 5, eos_token_ids=[])[0]) == 5
