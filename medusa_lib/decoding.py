@@ -496,6 +496,9 @@ def propose(rt: OrtRuntime, root: int, hidden: torch.Tensor, tree: TreeBuffers) 
     return candidates[tree.tree_indices]  # (N,)
 
 
+TREE_HEADS_KEPT = 8  # one-call heads graphs a runtime keeps (a plan uses one or two menus; each holds the heads' weights)
+
+
 def tree_heads(rt: OrtRuntime, tree: TreeBuffers) -> TreeHeads:
     """Sequential heads: the one graph that drafts every node of `tree` (tree_heads.py), made at its
     first use from the export's heads files and kept per tree. Heads exported again into the folder
@@ -511,6 +514,8 @@ def tree_heads(rt: OrtRuntime, tree: TreeBuffers) -> TreeHeads:
         if missing:
             raise FileNotFoundError(f"{missing[0]} is missing since this runtime was loaded: re-export (notebook 04) "
                                     f"and load the runtime again.")
+        if len(rt.tree_heads) >= TREE_HEADS_KEPT:  # a sweep over many trees keeps only the latest graphs
+            rt.tree_heads.pop(next(iter(rt.tree_heads)))
         rt.tree_heads[tree.paths] = TreeHeads(files, tree, rt.embed, rt.heads_options, rt.base.get_providers(),
                                               rt.device.index or 0)
     return rt.tree_heads[tree.paths]

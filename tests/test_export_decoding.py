@@ -193,6 +193,12 @@ def test_one_heads_call_drafts_what_the_per_depth_graphs_draft(token_export):
             want[level.children], want_p[level.children] = ids[level.slot, level.rank], p[level.slot, level.rank]
         np.testing.assert_array_equal(tokens, want)
         np.testing.assert_allclose(probs, want_p, rtol=0, atol=1e-6)
+    from medusa_lib.decoding import TREE_HEADS_KEPT, tree_heads
+    chains = [build_tree([(r,), (r, 0)], topk=4, num_heads=3) for r in range(4)] + \
+        [build_tree([(r,), (r, 1), (r, 1, 0)], topk=4, num_heads=3) for r in range(4)] + [build_tree([(2,)], 4, 3)]
+    for t in chains:  # more trees than a runtime keeps graphs for: the oldest go, the latest stay right
+        np.testing.assert_array_equal(tree_heads(rt, t)(5, hidden.numpy()[None])[0], draft(rt, 5, hidden, t, DraftRule(3))[1])
+    assert len(rt.tree_heads) == TREE_HEADS_KEPT and chains[-1].paths in rt.tree_heads and chains[0].paths not in rt.tree_heads
     graph = tree_heads_graph([folder / f"heads_{k}.onnx" for k in range(3)], tree).graph
     contents = [numpy_helper.to_array(init).tobytes() for init in graph.initializer if np.prod(init.dims) > 100]
     assert len(contents) == len(set(contents))  # each weight once, the output layer the heads share included
