@@ -264,8 +264,7 @@ def export_medusa(model, heads: MedusaHeads | None, out_dir: str | Path, topk: i
                 np.save(work / EMBED_FILE, table.astype(np.float16 if fp16 else np.float32))
         layers, Hkv, D = kv_shape(model)
         config = heads.config if heads is not None else None
-        info = {**base, "files": {"base": base["files"]["base"], "heads": [p.name for p in head_files],
-                                  **{k: v for k, v in base["files"].items() if k != "base"}},
+        info = {**base, "files": {**base["files"], "heads": [p.name for p in head_files]},
                 "fast_graph_version": FAST_GRAPH_VERSION, "topk": topk,
                 "dtype": "float16" if fp16 else "float32", "num_layers": layers,
                 "kv_heads": Hkv, "head_dim": D, "hidden_size": model.config.hidden_size,

@@ -66,7 +66,8 @@ def tree_heads_graph(head_files: list[Path], tree: TreeBuffers) -> onnx.ModelPro
     nodes, inits = [], []
     tokens, probs = "tokens_0", "probs_0"  # the nodes found so far: the root
     nodes.append(helper.make_node("Identity", ["root"], [tokens]))
-    inits.append(_const(probs, np.ones(1, dtype=onnx.helper.tensor_dtype_to_np_dtype(p_type))))
+    inits += [_const(probs, np.ones(1, dtype=onnx.helper.tensor_dtype_to_np_dtype(p_type))),
+              _const("flat", np.array([-1], dtype=np.int64))]  # a Reshape to one axis
     found = 1
     for d, level in enumerate(tree.levels):
         if not np.array_equal(level.children, np.arange(found, found + len(level.children))):
@@ -75,8 +76,7 @@ def tree_heads_graph(head_files: list[Path], tree: TreeBuffers) -> onnx.ModelPro
         part = compose.add_prefix(heads[d], f"d{d}_")
         inits += [_const(f"path_{d}", tree.ancestors[level.parents, : d + 1]),  # (B, d+1) node indices
                   _const(f"rows_{d}", np.array([B, C], dtype=np.int64)),
-                  _const(f"pick_{d}", level.slot * tree.topk + level.rank),  # (n,) into the flat (B*topk,) top-k
-                  _const("flat", np.array([-1], dtype=np.int64))]
+                  _const(f"pick_{d}", level.slot * tree.topk + level.rank)]  # (n,) into the flat (B*topk,) top-k
         nodes += [helper.make_node("Gather", [tokens, f"path_{d}"], [f"path_ids_{d}"]),  # (B, d+1)
                   helper.make_node("Gather", ["embed", f"path_ids_{d}"], [f"path_emb_{d}"]),  # (B, d+1, C)
                   helper.make_node("Expand", ["hidden_states", f"rows_{d}"], [f"hidden_{d}"])]  # (B, C)
@@ -94,7 +94,6 @@ def tree_heads_graph(head_files: list[Path], tree: TreeBuffers) -> onnx.ModelPro
         tokens, probs = f"tokens_{d + 1}", f"probs_{d + 1}"
         found += len(level.children)
     nodes += [helper.make_node("Identity", [tokens], ["tokens"]), helper.make_node("Identity", [probs], ["probs"])]
-    inits = list({init.name: init for init in inits}.values())  # "flat" once
     graph = helper.make_graph(
         nodes, "tree_heads",
         [helper.make_tensor_value_info("root", onnx.TensorProto.INT64, [1]),
