@@ -61,7 +61,7 @@ class OrtRuntime:
     names_in: list[str]
     names_out: list[str]
     graph: str = "reference"  # or "fast"
-    weights: str = "fp32"  # or "int8", "q4" (quant.py; fast graph only). Their MatMulNBits kernels round the
+    weights: str = "fp32"  # or "int8", "q4" (quant.py; fast graph only). Their kernels round the
     # activations to int8, which turns the last-bit differences of a tree's row layout into visibly different
     # logits; a chain pass computes every row bit for bit as plain decoding does, so on these graphs generate
     # cuts each step's tree to a chain: its top-ranked chain, or the prompt-lookup chain alone (docs/quantised.md)

@@ -26,6 +26,19 @@ Inputs and outputs (B = 1, T new tokens, capacity S of the cache):
 Positions are explicit (n + depth of each tree node), so the keys of a tree node are rotated for the
 position it will hold once accepted, exactly as in the reference graph.
 
+The quantised graphs (quant.py) swap each projection's MatMul: q4 for MatMulNBits on the GGUF's 4-bit
+blocks, int8 for ONNX Runtime's integer GEMM, DynamicQuantizeMatMul, on 8-bit weights. That operator
+rounds its input to uint8 over the whole tensor, so a row's rounding would depend on the other rows of
+the pass, and a token verified in a wide pass would not be the token decoded alone. Each int8
+projection therefore rounds every row on its own grid (`matmul_int8_rows`):
+
+    m  = max |x| of each row (at least 1e-30)          (1, T, 1)
+    xg = [x / m ; guard row (1, -1, 0, ...)]           (1, T+1, K)  every row inside [-1, 1], the
+                                                                    guard fixes the tensor's range
+    y  = DynamicQuantizeMatMul(xg, W8, scales)[:T] * m (1, T, N)    the integer product is exact
+
+so a row gives the same bits in any pass, as the attention's spare row makes the attention do.
+
     problem = fast_graph_problem(model)      # None, or why this base cannot have the fast graph
     export_fast_base(model, "data/onnx")     # -> data/onnx/base_fast.onnx
 """
@@ -40,12 +53,13 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from medusa_lib.quant import ACCURACY_LEVEL, BLOCK, concat
+from medusa_lib.quant import ACCURACY_LEVEL, BLOCK, Channels, concat
 
 FAST_FILE = "base_fast.onnx"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
-FAST_GRAPH_VERSION = 2  # 2: the attention's spare row, and the quantised graphs beside it (exports record it)
+FAST_GRAPH_VERSION = 3  # 2: the attention's spare row, the quantised graphs beside it; 3: int8 on the integer GEMM
+# (exports record it)
 SPARE_ROWS = 1  # cache rows after the last token that a pass may write (the attention's spare row)
 MAX_POSITIONS = 8192  # rotary tables' rows: the largest KV capacity the fast graph serves (unless the base has fewer)
 
@@ -100,7 +114,8 @@ def rotary_tables(model, rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) -> onnx.ModelProto:
     """The fast graph of `model` as an in-memory ONNX model: fp32 weights, or with `quantised` (a
-    quant.QuantisedWeights) every projection and the output head as MatMulNBits blocks."""
+    quant.QuantisedWeights) every projection and the output head quantised (MatMulNBits blocks for q4,
+    the integer GEMM on 8-bit channels for int8)."""
     problem = fast_graph_problem(model)
     if problem:
         raise NotImplementedError(f"No fast graph for this base: {problem}.")
@@ -127,12 +142,16 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
         return outputs[0]
 
     def linear(x, out, modules: list[tuple[str, torch.nn.Linear]]):
-        """x @ W^T for the modules' weights stacked along the outputs: one MatMul (fp32) or MatMulNBits."""
+        """x @ W^T for the modules' weights stacked along the outputs: one MatMul (fp32), MatMulNBits (q4)
+        or the integer GEMM (int8)."""
         w = np.concatenate([_np(m.weight) for _, m in modules])  # (N, K)
-        parts = None if quantised is None else [quantised.blocks(name, _np(m.weight)) for name, m in modules]
+        parts = None if quantised is None else [quantised.weight(name, _np(m.weight)) for name, m in modules]
         if parts is None or any(p is None for p in parts):
             return node("MatMul", [x, init(out + ".w", w.T)], [out])
-        return matmul_nbits(x, out, concat(parts))
+        return quantised_matmul(x, out, concat(parts))
+
+    def quantised_matmul(x, out, b):
+        return matmul_int8_rows(x, out, b) if isinstance(b, Channels) else matmul_nbits(x, out, b)
 
     def matmul_nbits(x, out, b):
         (N, K), kb = b.shape, b.packed.shape[1]
@@ -141,6 +160,21 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
         return node("MatMulNBits", inputs, [out], domain=MS_DOMAIN, K=K, N=N, bits=b.bits, block_size=BLOCK,
                     accuracy_level=ACCURACY_LEVEL)
 
+    def matmul_int8_rows(x, out, b: Channels):
+        """x (1, T, K) @ W^T on the integer GEMM, each row rounded to 8 bits on its own (module docstring)."""
+        K = b.shape[1]
+        if f"guard_{K}" not in shared:
+            guard = np.zeros((1, 1, K), dtype=np.float32)
+            guard[0, 0, :2] = 1.0, -1.0
+            shared.update([init(f"guard_{K}", guard), init("tiny", np.array(1e-30, dtype=np.float32))])
+        peak = node("Max", [node("ReduceMax", [node("Abs", [x], [out + ".abs"])], [out + ".peak0"], axes=[-1], keepdims=1),
+                            "tiny"], [out + ".peak"])  # (1, T, 1)
+        rows = node("Concat", [node("Div", [x, peak], [out + ".unit"]), f"guard_{K}"], [out + ".rows"], axis=1)  # (1, T+1, K)
+        y = node("DynamicQuantizeMatMul", [rows, init(out + ".q8", b.q.T), init(out + ".scales", b.scales)],
+                 [out + ".guarded"], domain=MS_DOMAIN)  # (1, T+1, N)
+        return node("Mul", [node("Slice", [y, "zero", "minus_one", "axis_1"], [out + ".int8"]), peak], [out])  # (1, T, N)
+
+    shared = set()  # initializers of the int8 projections, written once
     cos, sin = rotary_tables(model, rows)
     init("cos_cache", cos); init("sin_cache", sin)
     init("embed", _np(inner.embed_tokens.weight))  # (V, C)
@@ -203,9 +237,9 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
          ["hidden_states", "", "", "r_out"], domain=MS_DOMAIN, epsilon=eps)
     lm = model.get_output_embeddings()
     tied = lm.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    lm_blocks = None if quantised is None else quantised.blocks("lm_head", _np(lm.weight))
-    if lm_blocks is not None:  # the output head's blocks (for a tied head, the token table's)
-        matmul_nbits("hidden_states", "logits", lm_blocks)
+    lm_q = None if quantised is None else quantised.weight("lm_head", _np(lm.weight))
+    if lm_q is not None:  # the output head quantised (for a tied head, the token table)
+        quantised_matmul("hidden_states", "logits", lm_q)
     elif tied:  # one copy of the table: Gemm reads it transposed
         flat = node("Reshape", ["hidden_states", init("shape_2d", np.array([-1, C], dtype=np.int64))], ["h_2d"])
         out = node("Gemm", [flat, "embed"], ["logits_2d"], transB=1)

@@ -1,24 +1,30 @@
-"""Quantised weights for the fast base graph: int8 blocks, and the GGUF's own 4-bit blocks.
+"""Quantised weights for the fast base graph: 8-bit rows, and the GGUF's own 4-bit blocks.
 
-ONNX Runtime's `com.microsoft.MatMulNBits` multiplies by a weight stored in blocks of 32 along the
-input dimension K, each block as `w = scale * (q - zero_point)` with integer q and zero point
-(4 or 8 bits). Three weight sets name what the fast graph multiplies by (`WEIGHTS`):
+Three weight sets name what the fast graph multiplies by (`WEIGHTS`):
 
     fp32   the model's own weights (for the embedded base: the GGUF de-quantised), the reference
-    int8   every projection rounded to 8 bits per block of 32 (`int8_blocks`); works for any base
-    q4     the GGUF's Q4_1 blocks. Q4_1 stores `w = d * q + m` (4-bit q, an fp16 scale d and an fp16
-           minimum m per block). MatMulNBits' fast kernels want an integer zero point, and -m/d is
-           rarely an integer, so each block is written again on a 4-bit grid (`q4_from_q4_1`): the
-           better of keeping d and q with the zero point rounded, or rounding the block afresh.
-           Tensors the GGUF keeps in another type follow the file: SmolLM2's token table is Q8_0
-           (`w = d * q`, 8-bit q), held exactly as 8-bit blocks with zero point 128.
+    int8   every projection rounded to 8 bits per output channel (`int8_channels`), multiplied by
+           ONNX Runtime's integer GEMM (`com.microsoft.DynamicQuantizeMatMul`) with the activations
+           rounded to 8 bits per row (fast_graph.py says how); works for any base
+    q4     the GGUF's Q4_1 blocks, for `com.microsoft.MatMulNBits`, which stores a weight in blocks of
+           32 along the input dimension K, each as `w = scale * (q - zero_point)` with integer q and
+           zero point. Q4_1 stores `w = d * q + m` (4-bit q, an fp16 scale d and an fp16 minimum m per
+           block). MatMulNBits' fast kernels want an integer zero point, and -m/d is rarely an
+           integer, so each block is written again on a 4-bit grid (`q4_from_q4_1`): the better of
+           keeping d and q with the zero point rounded, or rounding the block afresh. Tensors the GGUF
+           keeps in another type follow the file: SmolLM2's token table is Q8_0 (`w = d * q`, 8-bit
+           q), held exactly as 8-bit blocks with zero point 128.
+
+Why two kernels: both round the activations to int8, but on two CPU cores MatMulNBits' cost grows
+steeply with the rows of a pass (8 rows cost 2.5-4x one), while the integer GEMM's barely does
+(docs/quantised.md). The 4-bit weights exist only for MatMulNBits.
 
 Both quantised sets keep the token table in fp32 for the embedding lookup (one row read a token) and
-multiply the tied output head by its quantised blocks.
+multiply the tied output head by its quantised weights.
 
-    blocks = int8_blocks(w)                     # w: (N, K) float32 -> Blocks
+    channels = int8_channels(w)                 # w: (N, K) float32 -> Channels
     tensors = read_gguf_blocks(path)            # name -> (type name, raw blocks)
-    error = weight_error(blocks, w)             # max |dw| and ||dw|| / ||w||
+    error = weight_error(channels, w)           # max |dw| and ||dw|| / ||w||
 """
 
 from __future__ import annotations
@@ -66,6 +72,31 @@ class Blocks:
         """(N, K) float32: what MatMulNBits multiplies by."""
         q = self.values().astype(np.float32) - self.zeros()[..., None]
         return (q * self.scales[..., None]).reshape(self.shape)
+
+
+@dataclass
+class Channels:
+    """One (N, K) weight matrix as 8-bit integers with one scale per output channel: w = scale * q,
+    the form ONNX Runtime's integer GEMM (DynamicQuantizeMatMul) multiplies by."""
+    q: np.ndarray  # int8 (N, K), -127..127
+    scales: np.ndarray  # float32 (N,)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32: what the integer GEMM multiplies by."""
+        return self.q.astype(np.float32) * self.scales[:, None]
+
+
+def int8_channels(w: np.ndarray) -> Channels:
+    """(N, K) float weights -> 8 bits per output channel, symmetric (error at most half a step,
+    max |w_row| / 127 / 2 per row)."""
+    w = w.astype(np.float32)
+    scale = np.abs(w).max(1) / 127
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return Channels(np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8), scale)
 
 
 def _pack4(q: np.ndarray) -> np.ndarray:
@@ -129,9 +160,9 @@ def q8_from_q8_0(d: np.ndarray, q: np.ndarray) -> Blocks:
     return _make(8, q.astype(np.int16) + 128, d, np.full(d.shape, 128))
 
 
-def weight_error(blocks: Blocks, w: np.ndarray) -> dict:
+def weight_error(quantised: Blocks | Channels, w: np.ndarray) -> dict:
     """How far the quantised weight is from `w`: the largest |dw| and ||dw|| / ||w||."""
-    dw = blocks.dequantize() - w
+    dw = quantised.dequantize() - w
     return {"max_abs": float(np.abs(dw).max()), "relative_rms": float(np.linalg.norm(dw) / max(np.linalg.norm(w), 1e-30))}
 
 
@@ -211,11 +242,12 @@ class NoQ4Blocks(NoQuantisedGraph):
 
 
 class QuantisedWeights:
-    """Hands the fast graph the blocks of each projection for one weight set, and keeps the error
-    against the model's own weights (which, for a GGUF base, are the file's de-quantised weights).
+    """Hands the fast graph the quantised weight of each projection for one weight set (Channels for
+    int8, Blocks for q4), and keeps the error against the model's own weights (which, for a GGUF base,
+    are the file's de-quantised weights).
 
         source = QuantisedWeights("q4", model, gguf_path)
-        blocks = source.blocks("model.layers.0.self_attn.q_proj", w)   # None: keep fp32
+        blocks = source.weight("model.layers.0.self_attn.q_proj", w)   # None: keep fp32
     """
 
     def __init__(self, weights: str, model, gguf_path: str | Path | None = None):
@@ -243,11 +275,11 @@ class QuantisedWeights:
             return ("token_embd.weight" if parts[-1] == "embed_tokens" else "output.weight"), parts[-1]
         return f"blk.{parts[-3]}.{GGUF_NAMES[parts[-1]]}.weight", parts[-1]
 
-    def blocks(self, module: str, w: np.ndarray) -> Blocks | None:
+    def weight(self, module: str, w: np.ndarray) -> Blocks | Channels | None:
         """The quantised (N, K) weight of `module` (a name of the Hugging Face model), or None where the
         set keeps it in fp32 (a GGUF tensor stored as F32/F16)."""
         if self.weights == "int8":
-            out = int8_blocks(w)
+            out = int8_channels(w)
         else:
             name, short = self._gguf_name(module)
             if short == "lm_head" and name not in self.tensors:
@@ -277,6 +309,8 @@ class QuantisedWeights:
                 "max_relative_rms": max(rel, default=0.0), "mean_relative_rms": float(np.mean(rel)) if rel else 0.0}
 
 
-def concat(parts: list[Blocks]) -> Blocks:
-    """Blocks of matrices with the same K stacked along N (packed q|k|v, gate|up)."""
+def concat(parts: list[Blocks | Channels]) -> Blocks | Channels:
+    """Quantised matrices with the same K stacked along N (packed q|k|v, gate|up)."""
+    if isinstance(parts[0], Channels):
+        return Channels(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]))
     return Blocks(parts[0].bits, *(np.concatenate([getattr(p, f) for p in parts]) for f in ("packed", "scales", "zero_points")))

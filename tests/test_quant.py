@@ -1,6 +1,6 @@
-"""Quantised base graphs (quant.py): int8 blocks, the GGUF's Q4_1 blocks on a 4-bit grid, their error
-against the weights they stand for, their logits against PyTorch with the same weights, and greedy
-Medusa equal to plain greedy decoding on them."""
+"""Quantised base graphs (quant.py): int8 channels, the GGUF's Q4_1 blocks on a 4-bit grid, their error
+against the weights they stand for, their logits against PyTorch with the same weights, rows computed
+alike in any pass, and greedy Medusa equal to plain greedy decoding on them."""
 
 import copy
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from medusa_lib.decoding import generate, load_runtime
-from medusa_lib.export import export_medusa
+from medusa_lib.decoding import generate, load_runtime, prefill, run_base
+from medusa_lib.export import causal_bias, export_medusa
 from medusa_lib.heads import HeadsConfig, MedusaHeads
 from medusa_lib.quant import (BLOCK, GGUF_NAMES, NoQ4Blocks, QuantisedWeights, decode_q4_1, decode_q8_0, int8_blocks,
-                              q4_from_q4_1, round_blocks, weight_error)
+                              int8_channels, q4_from_q4_1, round_blocks, weight_error)
 from medusa_lib.tree import DraftRule, build_tree
 
 from conftest import perturbed
@@ -21,8 +21,9 @@ from conftest import perturbed
 Q = gguf.GGMLQuantizationType
 TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1)]
 PROMPTS = [[5, 17, 33, 2, 8], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [90, 1, 90, 1, 90, 1, 90, 1]]
-LOGITS_RTOL = 0.02  # q4/int8 graph vs PyTorch carrying the graph's own weights: MatMulNBits rounds the activations to
-# int8 per block of 32, so the logits differ by that rounding alone (measured <= 0.34% of the logits' range here)
+LOGITS_RTOL = 0.02  # q4/int8 graph vs PyTorch carrying the graph's own weights: both kernels round the activations to
+# int8 (q4 per block of 32, int8 per row), so the logits differ by that rounding alone (measured <= 0.34% of the logits'
+# range here for q4)
 
 
 def half_step(w: np.ndarray, bits: int) -> np.ndarray:
@@ -103,6 +104,17 @@ def test_int8_blocks_are_within_half_a_step_of_the_weights():
     assert weight_error(blocks, w)["relative_rms"] < 0.01
 
 
+def test_int8_channels_are_within_half_a_step_of_the_weights():
+    w = np.random.default_rng(0).standard_normal((48, 100)).astype(np.float32) * 0.1  # any K: no blocks
+    w[3] *= 20  # a row 20x larger keeps its own scale
+    w[5] = 0.0  # an all-zero row
+    channels = int8_channels(w)
+    assert channels.q.dtype == np.int8 and channels.scales.shape == (48,)
+    dw = np.abs(channels.dequantize() - w).max(1)
+    assert (dw <= np.abs(w).max(1) / 127 / 2 + 1e-7).all() and not channels.dequantize()[5].any()
+    assert weight_error(channels, w)["relative_rms"] < 0.01
+
+
 def test_gguf_blocks_decode_as_the_gguf_package_dequantises_them():
     w = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
     raw = gguf.quants.quantize(w, Q.Q4_1)
@@ -133,10 +145,10 @@ def test_the_q4_weights_are_the_files_within_half_a_step_and_the_table_exactly(g
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             w = module.weight.numpy()
-            dw = np.abs(source.blocks(name, w).dequantize() - w).reshape(len(w), -1, BLOCK).max(-1)
+            dw = np.abs(source.weight(name, w).dequantize() - w).reshape(len(w), -1, BLOCK).max(-1)
             assert (dw <= half_step(w, 4) + 1e-6).all(), name
     table = model.get_output_embeddings().weight.numpy()
-    assert np.array_equal(source.blocks("lm_head", table).dequantize(), table)  # Q8_0 held as 8-bit blocks, exactly
+    assert np.array_equal(source.weight("lm_head", table).dequantize(), table)  # Q8_0 held as 8-bit blocks, exactly
     report = source.report()
     assert report["tensors"] == 2 * 7 + 1 and 0 < report["max_relative_rms"] < 0.2
 
@@ -149,7 +161,7 @@ def graph_weights(model, weights: str, path):
         for name, module in twin.named_modules():
             if isinstance(module, torch.nn.Linear):
                 w = module.weight.numpy()
-                blocks = source.blocks(name, w)
+                blocks = source.weight(name, w)
                 if blocks is not None:
                     module.weight.copy_(torch.from_numpy(blocks.dequantize()))
     return twin
@@ -215,19 +227,53 @@ def test_a_gguf_of_another_type_or_model_is_named_and_skipped(tiny_llama, tmp_pa
     q41 = tmp_path / "tiny.Q4_1.gguf"
     write_gguf(tiny_llama, q41)
     with pytest.raises(NoQ4Blocks, match="does not hold the weights"):
-        QuantisedWeights("q4", other, q41).blocks("model.layers.0.self_attn.q_proj",
+        QuantisedWeights("q4", other, q41).weight("model.layers.0.self_attn.q_proj",
                                                   other.model.layers[0].self_attn.q_proj.weight.numpy())
 
 
-def test_a_base_whose_widths_do_not_split_into_blocks_is_exported_without_quantised_graphs(tmp_path):
+def test_a_base_whose_widths_do_not_split_into_blocks_still_gets_the_int8_graph(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     odd = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
                                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
                                        tie_word_embeddings=True)).eval()  # 48 inputs: not blocks of 32
-    with pytest.warns(UserWarning, match="No int8 graph: a weight with 48 inputs"):
-        info = export_medusa(odd, None, tmp_path, topk=4)
-    assert info["files"]["base_fast"] and "base_fast_int8" not in info["files"]
-    assert "blocks of 32" in info["quantised"]["int8"]["skipped"]
-    with pytest.raises(RuntimeError, match="no fast graph with int8 weights"):
-        load_runtime(tmp_path, capacity=32, max_nodes=4, weights="int8", with_heads=False)
+    info = export_medusa(odd, None, tmp_path, topk=4)
+    assert info["files"]["base_fast_int8"] and "base_fast_q4" not in info["files"]  # int8 has a scale per channel
+    rt = load_runtime(tmp_path, capacity=32, max_nodes=4, weights="int8", with_heads=False)
+    prompt = np.array([3, 14, 15, 9, 2])
+    with torch.no_grad():
+        hf = graph_weights(odd, "int8", None)(torch.from_numpy(prompt)[None]).logits[0, -1]
+    assert float((prefill(rt, prompt)[0] - hf).abs().max()) <= LOGITS_RTOL * float(hf.max() - hf.min())
+
+
+@pytest.mark.parametrize("weights", ["int8", "q4"])
+def test_a_chain_pass_on_a_quantised_graph_computes_each_row_bit_for_bit_as_one_token_passes(exports, weights):
+    """Both kernels round the activations to int8, so a last-bit difference would flip roundings and grow
+    through the layers: each row must be rounded on its own (per block for q4; per row, with a guard
+    row fixing the tensor's range, for int8's integer GEMM) for a chain verified at once to be plain
+    decoding."""
+    rt = load_runtime(exports["medusa1"], capacity=256, max_nodes=16, weights=weights, with_heads=False)
+    prompt, chain = np.array(PROMPTS[1]), np.array([3, 14, 15, 92, 65, 35])
+    n, T = len(prompt), len(chain)
+    prefill(rt, prompt)
+    logits, hidden = (x.clone() for x in run_base(rt, chain, np.arange(n, n + T), causal_bias(n, T), n))
+    for i in range(T):  # the same tokens again, one pass each, over the rows just written
+        one_logits, one_hidden = run_base(rt, chain[i:i + 1], np.array([n + i]), causal_bias(n + i, 1), n + i)
+        assert torch.equal(one_logits[0], logits[i]) and torch.equal(one_hidden[0], hidden[i]), (weights, i)
+
+
+def test_an_all_zero_row_stays_zero_on_the_int8_graph(tiny_llama, tmp_path):
+    """A token whose embedding is zero (a padding row) gives all-zero rows to every projection; the
+    int8 graph divides each row by its largest |x|, which must not turn them into NaN."""
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = 0.0
+    export_medusa(model, None, tmp_path, topk=4)
+    rt = load_runtime(tmp_path, capacity=64, max_nodes=8, weights="int8", with_heads=False)
+    twin = graph_weights(model, "int8", None)
+    for prompt in ([7], [5, 7, 9, 7]):
+        ours = prefill(rt, np.array(prompt))[0]
+        with torch.no_grad():
+            hf = twin(torch.tensor([prompt])).logits[0, -1]
+        assert torch.isfinite(ours).all(), prompt
+        assert float((ours - hf).abs().max()) <= LOGITS_RTOL * max(float(hf.max() - hf.min()), 1e-6), prompt
