@@ -51,8 +51,9 @@ def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.Inference
         inits.append(numpy_helper.from_array(array, name))
         return name
 
-    init("zero", np.array([0], np.int64)); init("minus_one", np.array([-1], np.int64)); init("axis_0", np.array([0], np.int64))
-    init("tiny", np.array(1e-30, np.float32))
+    if kind == "dqmm_rows":
+        init("zero", np.array([0], np.int64)); init("minus_one", np.array([-1], np.int64))
+        init("axis_0", np.array([0], np.int64)); init("tiny", np.array(1e-30, np.float32))
     for i, w in enumerate(weights):
         K, N = w.shape
         y = f"y{i}"
@@ -87,6 +88,7 @@ def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.Inference
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
