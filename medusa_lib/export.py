@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -219,7 +220,12 @@ def quantize_heads(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name(path.name + ".int8")
-    quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # its advice to pre-process the model (shape inference) is for static quantisation
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(level)
     os.replace(tmp, path)
 
 
