@@ -314,9 +314,10 @@ def test_chain_plans_for_a_quantised_graph_are_chains_with_the_root_alone_on_loo
         assert option["rule"] is None and option["lookup_paths"] in (None, [])
 
 
-def test_the_cost_curve_times_each_width_right_after_a_pass_of_the_same_width(monkeypatch):
-    """Decoding runs narrow passes in a row, so each timed pass follows an untimed one of its width;
-    the widths take turns, round after round. The schedule of passes is what this checks, not their time."""
+def test_the_cost_curve_times_each_width_after_its_like_and_one_token_passes_back_to_back(monkeypatch):
+    """Decoding runs narrow passes in a row, so each timed pass follows an untimed one of its width,
+    the widths taking turns round after round; then the T=1 price plain decoding pays, one-token passes
+    in a row. The schedule of passes is what this checks, not their time."""
     import medusa_lib.decoding
     from medusa_lib.bench import verify_cost_curve
 
@@ -329,7 +330,10 @@ def test_the_cost_curve_times_each_width_right_after_a_pass_of_the_same_width(mo
 
     cost = verify_cost_curve(Runtime(), (1, 2, 4), reps=5)
     assert sorted(cost) == [1, 2, 4]
-    assert widths == [1, 1, 2, 2, 4, 4] * 5
+    assert widths == [1, 1, 2, 2, 4, 4] * 5 + [1] * 5
+    widths.clear()
+    verify_cost_curve(Runtime(), (2, 4), reps=3)  # no T=1 asked: nothing extra
+    assert widths == [2, 2, 4, 4] * 3
 
 
 def test_a_plan_without_heads_nodes_is_described_in_words():
