@@ -163,16 +163,20 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
     def matmul_int8_rows(x, out, b: Channels):
         """x (1, T, K) @ W^T on the integer GEMM, each row rounded to 8 bits on its own (module docstring)."""
         K = b.shape[1]
+        if "tiny" not in shared:
+            shared.add(init("tiny", np.array(1e-30, dtype=np.float32)))  # the divisor's floor: a row of zeros stays zeros
         if f"guard_{K}" not in shared:
             guard = np.zeros((1, 1, K), dtype=np.float32)
             guard[0, 0, :2] = 1.0, -1.0
-            shared.update([init(f"guard_{K}", guard), init("tiny", np.array(1e-30, dtype=np.float32))])
-        peak = node("Max", [node("ReduceMax", [node("Abs", [x], [out + ".abs"])], [out + ".peak0"], axes=[-1], keepdims=1),
-                            "tiny"], [out + ".peak"])  # (1, T, 1)
-        rows = node("Concat", [node("Div", [x, peak], [out + ".unit"]), f"guard_{K}"], [out + ".rows"], axis=1)  # (1, T+1, K)
+            shared.add(init(f"guard_{K}", guard))
+        peak = node("ReduceMax", [node("Abs", [x], [out + ".abs"])], [out + ".peak"], axes=[-1], keepdims=1)
+        peak = node("Max", [peak, "tiny"], [out + ".divisor"])  # (1, T, 1)
+        unit = node("Div", [x, peak], [out + ".unit"])  # (1, T, K): each row inside [-1, 1]
+        rows = node("Concat", [unit, f"guard_{K}"], [out + ".rows"], axis=1)  # (1, T+1, K): the guard fixes the range
         y = node("DynamicQuantizeMatMul", [rows, init(out + ".q8", b.q.T), init(out + ".scales", b.scales)],
                  [out + ".guarded"], domain=MS_DOMAIN)  # (1, T+1, N)
-        return node("Mul", [node("Slice", [y, "zero", "minus_one", "axis_1"], [out + ".int8"]), peak], [out])  # (1, T, N)
+        y = node("Slice", [y, "zero", "minus_one", "axis_1"], [out + ".int8"])  # (1, T, N): the guard row dropped
+        return node("Mul", [y, peak], [out])
 
     shared = set()  # initializers of the int8 projections, written once
     cos, sin = rotary_tables(model, rows)

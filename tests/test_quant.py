@@ -3,6 +3,7 @@ against the weights they stand for, their logits against PyTorch with the same w
 alike in any pass, and greedy Medusa equal to plain greedy decoding on them."""
 
 import copy
+import json
 
 import gguf
 import numpy as np
@@ -260,6 +261,15 @@ def test_a_chain_pass_on_a_quantised_graph_computes_each_row_bit_for_bit_as_one_
     for i in range(T):  # the same tokens again, one pass each, over the rows just written
         one_logits, one_hidden = run_base(rt, chain[i:i + 1], np.array([n + i]), causal_bias(n + i, 1), n + i)
         assert torch.equal(one_logits[0], logits[i]) and torch.equal(one_hidden[0], hidden[i]), (weights, i)
+
+
+def test_each_quantised_graph_names_every_initializer_once(exports):
+    import onnx
+    info = json.loads((exports["medusa1"] / "export_info.json").read_text())
+    for weights in ("int8", "q4"):
+        graph = onnx.load(str(exports["medusa1"] / info["files"][f"base_fast_{weights}"])).graph
+        names = [t.name for t in graph.initializer]
+        assert len(names) == len(set(names)), weights
 
 
 def test_an_all_zero_row_stays_zero_on_the_int8_graph(tiny_llama, tmp_path):
