@@ -144,9 +144,9 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
     def linear(x, out, modules: list[tuple[str, torch.nn.Linear]]):
         """x @ W^T for the modules' weights stacked along the outputs: one MatMul (fp32), MatMulNBits (q4)
         or the integer GEMM (int8)."""
-        w = np.concatenate([_np(m.weight) for _, m in modules])  # (N, K)
         parts = None if quantised is None else [quantised.weight(name, _np(m.weight)) for name, m in modules]
         if parts is None or any(p is None for p in parts):
+            w = np.concatenate([_np(m.weight) for _, m in modules])  # (N, K)
             return node("MatMul", [x, init(out + ".w", w.T)], [out])
         return quantised_matmul(x, out, concat(parts))
 

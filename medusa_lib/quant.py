@@ -134,10 +134,14 @@ def round_blocks(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.n
     return q, scale, zero
 
 
+def float_blocks(w: np.ndarray, bits: int) -> Blocks:
+    """(N, K) float weights -> `bits`-bit blocks, each rounded to nearest on its own grid."""
+    return _make(bits, *round_blocks(_split(w), bits))
+
+
 def int8_blocks(w: np.ndarray) -> Blocks:
     """(N, K) float weights -> 8-bit blocks (error at most half a step, (max-min)/255/2 per block)."""
-    q, scale, zero = round_blocks(_split(w), 8)
-    return _make(8, q, scale, zero)
+    return float_blocks(w, 8)
 
 
 def q4_from_q4_1(d: np.ndarray, m: np.ndarray, q: np.ndarray) -> Blocks:

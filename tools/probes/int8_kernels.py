@@ -24,24 +24,10 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from medusa_lib.quant import float_blocks, int8_channels
+
 WIDTHS, LAYERS, ROWS = (576, 1536), 4, (1, 2, 4, 8, 16)
 KINDS = ("fp32", "nbits4", "nbits8", "dqmm", "dqmm_rows")
-
-
-def nbits(w: np.ndarray, bits: int, block: int = 32):
-    """(K, N) weights -> MatMulNBits' packed blocks, scales and zero points (asymmetric, round to nearest)."""
-    K, N = w.shape
-    b = w.T.reshape(N, K // block, block)
-    top = 2 ** bits - 1
-    lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), 0)
-    scale = np.maximum((hi - lo) / top, 1e-8).astype(np.float32)
-    zero = np.clip(np.round(-lo / scale), 0, top).astype(np.uint8)
-    q = np.clip(np.round(b / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-        zero = np.concatenate([zero, np.zeros((N, zero.shape[1] % 2), np.uint8)], 1)
-        zero = zero[:, 0::2] | (zero[:, 1::2] << 4)
-    return q, scale.reshape(-1), zero.reshape(-1)
 
 
 def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.InferenceSession:
@@ -61,12 +47,13 @@ def session(kind: str, weights: list[np.ndarray], threads: int) -> ort.Inference
             nodes.append(helper.make_node("MatMul", [x, init(f"w{i}", w)], [y]))
         elif kind.startswith("nbits"):
             bits = int(kind[5:])
-            q, s, z = nbits(w, bits)
-            nodes.append(helper.make_node("MatMulNBits", [x, init(f"w{i}", q), init(f"s{i}", s), init(f"z{i}", z)], [y],
+            b = float_blocks(w.T, bits)  # MatMulNBits' layout: (N, K) in blocks of 32
+            nodes.append(helper.make_node("MatMulNBits", [x, init(f"w{i}", b.packed), init(f"s{i}", b.scales.reshape(-1)),
+                                                          init(f"z{i}", b.zero_points.reshape(-1))], [y],
                                           domain="com.microsoft", K=K, N=N, bits=bits, block_size=32, accuracy_level=4))
         else:
-            scale = (np.abs(w).max(0) / 127).astype(np.float32)
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            c = int8_channels(w.T)  # 8 bits per output channel, as the int8 graph's weights
+            q, scale = np.ascontiguousarray(c.q.T), c.scales  # (K, N), (N,)
             if kind == "dqmm":
                 nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, init(f"w{i}", q), init(f"s{i}", scale)], [y],
                                               domain="com.microsoft"))
