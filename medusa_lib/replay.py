@@ -15,7 +15,8 @@ can be replayed step by step without running the base again:
   3 choose    the plan with the most tokens per second; its tau is the pooled tokens per step.
               With the heads' probabilities recorded too, a plan can also draft by a
               tree.DraftRule (each step, only the nodes the heads are surest of): `_Drafts` replays
-              grow_draft on them, the recorded tree being the menu
+              grow_draft on them, the recorded tree being the menu (or, for sequential heads,
+              that menu cut at a smaller depth: fewer heads to run a step)
   4 check     after the benchmark: the promise against what was measured (`replay_vs_measured`)
 
 The dev prompts are not the benchmark's (config.sizing_questions), so the benchmark's prompts
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medusa_lib.tree import DraftRule, TreeBuffers, chain_paths, greedy_tree, grow_draft, prompt_lookup
+from medusa_lib.tree import DraftRule, TreeBuffers, chain_paths, greedy_tree, grow_draft, prompt_lookup, to_depth
 
 LOOKUP_TOKENS = (0, 2, 3, 4, 5, 6, 8)  # prompt-lookup chain lengths tried (0: none)
 LOOKUP_MIN_NGRAMS = (1, 2, 3)  # shortest repeated n-gram that triggers the lookup
@@ -214,7 +215,8 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
     """3. Every plan: the greedy tree of each node budget (0..max_budget), each lookup length, each
     trigger, and on lookup steps each smaller budget; with `menu` (the recorded tree) also every
     DraftRule of DRAFT_BUDGETS x DRAFT_MIN_PROBS on it, with LOOKUP_RULES (or the same rule) on the
-    lookup steps. The chosen plan is the one of highest tau among those within `tau_slack` of the
+    lookup steps; for sequential heads (`per_depth`) also on the menu cut at each smaller depth
+    (tree.to_depth), whose steps pay for fewer heads. The chosen plan is the one of highest tau among those within `tau_slack` of the
     fastest (a fraction of its tokens/s). Returns (chosen plan, the fastest per budget) as dicts
     with nodes (root included), paths, lookup, min_ngram, lookup_paths, rule, lookup_rule (None,
     or a DraftRule's fields), tau, tok_per_s, speedup. With `chains` (a quantised base: decoding.generate
@@ -233,16 +235,18 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
                     options[b].append({"nodes": b + 1, "paths": [list(p) for p in paths], "lookup": m, "min_ngram": g,
                                        "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
                                        "lookup_rule": None, **res})
-    if menu is not None:
-        drafts = _Drafts(replays, menu)
+    # sequential heads run one depth after another: a shallower menu drafts fewer nodes but asks fewer heads
+    menus = [to_depth(menu, d) for d in range(1, menu.heads_depth + 1)] if menu is not None and per_depth else [menu]
+    for sub in (m for m in menus if m is not None):
+        drafts = _Drafts(replays, sub)  # its nodes are the menu's first ones (to_depth): the recording serves
         for b in (b for b in DRAFT_BUDGETS if b <= max_budget):
             for p in DRAFT_MIN_PROBS:
                 rule = DraftRule(b, p)
                 for m in lookup_tokens:
                     for g in (min_ngrams if m else (1,)):
                         for lr in ((None, *(r for r in LOOKUP_RULES if r.budget <= b)) if m else (None,)):
-                            res = simulate(replays, menu.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts)
-                            options[b].append({"nodes": b + 1, "paths": [list(q) for q in menu.paths], "lookup": m,
+                            res = simulate(replays, sub.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts)
+                            options[b].append({"nodes": b + 1, "paths": [list(q) for q in sub.paths], "lookup": m,
                                                "min_ngram": g, "lookup_paths": None, "rule": _rule_field(rule),
                                                "lookup_rule": _rule_field(lr), **res})
     per_budget = [max(o, key=lambda o: o["tok_per_s"]) for o in options]
@@ -309,7 +313,9 @@ def describe_plan(plan: dict) -> str:
     """A chosen plan in words: its nodes, draft rule and lookup chain, and what the replay priced it at."""
     if plan["rule"]:
         rule = plan["rule"]
-        text = f"drafted by rule (at most {rule['budget']} of the menu's nodes, path probability >= {rule['min_prob']})"
+        depth = max(len(p) for p in plan["paths"])
+        text = (f"drafted by rule (at most {rule['budget']} of the menu's nodes, path probability >= {rule['min_prob']}; "
+                f"a menu of {len(plan['paths'])} nodes, {depth} {'depth' if depth == 1 else 'depths'})")
     elif plan["nodes"] > 1:
         text = f"{plan['nodes']} nodes"
     else:

@@ -286,6 +286,15 @@ def subtree(tree: TreeBuffers, nodes: np.ndarray, lookup: int = 0) -> TreeBuffer
     return _subtree(tree.paths, tree.topk, tuple(int(j) for j in nodes), lookup)
 
 
+def to_depth(tree: TreeBuffers, depth: int) -> TreeBuffers:
+    """The tree cut to its nodes of depth 1..`depth` (no lookup chain). Nodes are laid out depth by
+    depth, so its node j is `tree`'s node j: what was recorded for `tree`'s nodes serves it as is
+    (replay.choose_plan drafts from such shallower menus, which need fewer of the sequential heads)."""
+    if not 1 <= depth <= tree.heads_depth:
+        raise ValueError(f"to_depth: depth must be 1..{tree.heads_depth} (the tree's depth), not {depth!r}.")
+    return subtree(tree, np.arange(1 + sum(len(p) <= depth for p in tree.paths)))
+
+
 def top_chain(tree: TreeBuffers) -> TreeBuffers:
     """The tree cut to its top-ranked chain: the root and the nodes whose path is all rank 0, (0,),
     (0, 0), ... (no lookup chain). Its passes lay every node's ancestors out in consecutive rows, as

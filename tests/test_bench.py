@@ -108,6 +108,30 @@ def test_a_draft_rule_is_replayed_and_chosen_where_the_heads_know_when_they_are_
         _Drafts([synthetic_replay()], menu)
 
 
+def test_choose_plan_cuts_the_menu_where_the_deeper_heads_only_cost():
+    """Sequential heads sure of (0, 0) at every root and never right: a rule on the full menu still
+    runs both depths every step, a rule on the menu cut at depth 1 runs one (tree.to_depth)."""
+    from medusa_lib.replay import _Drafts
+    from medusa_lib.tree import DraftRule, build_tree, to_depth
+    menu = build_tree([(0,), (0, 0)], topk=5, num_heads=2)
+    shallow = to_depth(menu, 1)
+    assert shallow.paths == ((0,),) and np.array_equal(shallow.tree_indices, menu.tree_indices[:2])
+    right = [frozenset({(0,)}), frozenset(), frozenset(), frozenset({(0,)}), frozenset(), frozenset()]
+    probs = np.full((6, 3), 0.9)  # (R, N): node 2 = (0, 0) always sure
+    probs[[1, 2, 4, 5], 1] = 0.1  # node 1 = (0,) sure exactly where it is right
+    rep = Replay(np.array([1, 2, 3]), np.arange(10, 16), right, probs)
+    cost, heads_s, rank_acc = {1: 0.010, 2: 0.011, 3: 0.012}, 0.002, rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2))
+    best, _ = choose_plan([rep], rank_acc, cost, heads_s, per_depth=True, max_budget=2, menu=menu)
+    cut = simulate([rep], shallow.paths, cost, heads_s, per_depth=True, rule=DraftRule(1, 0.5), drafts=_Drafts([rep], shallow))
+    assert best["paths"] == [[0]] and best["rule"] is not None and 0.1 < best["rule"]["min_prob"] <= 0.9
+    assert cut["steps"] == 4 and best["tok_per_s"] == pytest.approx(cut["tok_per_s"])  # T = 2, 1, 2, 1; one depth each
+    assert best["tok_per_s"] == pytest.approx(6 / (0.011 + 0.010 + 0.011 + 0.010 + 4 * heads_s))
+    full = simulate([rep], menu.paths, cost, heads_s, per_depth=True, rule=DraftRule(1, 0.5), drafts=_Drafts([rep], menu))
+    assert full["tok_per_s"] == pytest.approx(6 / (0.042 + 4 * 2 * heads_s))  # the same drafts, two depths a step
+    with pytest.raises(ValueError, match="depth must be 1..2"):
+        to_depth(menu, 3)
+
+
 def test_replay_vs_measured_sets_each_promise_beside_the_benchmark():
     rep = synthetic_replay()
     cost = {1: 0.010, 4: 0.013}
@@ -340,6 +364,8 @@ def test_a_plan_without_heads_nodes_is_described_in_words():
     from medusa_lib.replay import describe_plan
     lookup_only = {"rule": None, "nodes": 1, "lookup": 5, "min_ngram": 3, "lookup_rule": None, "tau": 1.5, "speedup": 1.1}
     assert describe_plan(lookup_only).startswith("no heads' nodes (the root alone), lookup 5 tokens on a repeated 3-gram;")
-    ruled = {**lookup_only, "rule": {"budget": 5, "min_prob": 0.0}, "lookup_rule": {"budget": 0, "min_prob": 0.0}}
+    ruled = {**lookup_only, "rule": {"budget": 5, "min_prob": 0.0}, "lookup_rule": {"budget": 0, "min_prob": 0.0},
+             "paths": [[0], [1], [0, 0]]}
     assert "at most 5 of the menu's nodes" in describe_plan(ruled) and "then no heads' nodes" in describe_plan(ruled)
+    assert "a menu of 3 nodes, 2 depths" in describe_plan(ruled)
     assert describe_plan({**lookup_only, "nodes": 4, "lookup": 0}).startswith("4 nodes;")

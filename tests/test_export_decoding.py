@@ -430,15 +430,19 @@ def test_replay_takes_the_steps_the_decoder_takes(rt):
     # draft rules: the replay runs the decoder's grow_draft on the recorded probabilities
     from medusa_lib.replay import _Drafts
     from medusa_lib.tree import DraftRule
-    drafts = _Drafts(replays, big)
-    for rule, kw in ((DraftRule(2), {}), (DraftRule(4, 0.05), {}), (DraftRule(3), {"lookup": 3, "lookup_rule": DraftRule(1)})):
-        sim = simulate(replays, big.paths, {1: 1.0, 16: 2.0}, 0.0, per_depth=False, rule=rule, drafts=drafts, **kw)
+    from medusa_lib.tree import to_depth
+    # the menu itself, and cut to smaller depths (choose_plan's shallower menus): the same recording serves
+    for menu, rule, kw in ((big, DraftRule(2), {}), (big, DraftRule(4, 0.05), {}),
+                           (big, DraftRule(3), {"lookup": 3, "lookup_rule": DraftRule(1)}),
+                           (to_depth(big, 2), DraftRule(3), {}), (to_depth(big, 1), DraftRule(2), {"lookup": 3})):
+        sim = simulate(replays, menu.paths, {1: 1.0, 16: 2.0}, 0.0, per_depth=False, rule=rule,
+                       drafts=_Drafts(replays, menu), **kw)
         steps = 0
         for prompt, rep in zip(PROMPTS, replays):
-            out, stats = generate(rt, prompt, big, 30, eos_token_ids=[], rule=rule, **kw)
+            out, stats = generate(rt, prompt, menu, 30, eos_token_ids=[], rule=rule, **kw)
             assert out == rep.reply.tolist()
             steps += stats.steps
-        assert abs(sim["steps"] - steps) <= 1, (rule, kw, sim["steps"], steps)
+        assert abs(sim["steps"] - steps) <= 1, (menu.paths, rule, kw, sim["steps"], steps)
     assert min(simulate(replays, p, {1: 1.0}, 0.0, False, **{k: v for k, v in kw.items()})["steps"] for p, kw in plans) < 4 * 30
 
 
