@@ -216,8 +216,8 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
     trigger, and on lookup steps each smaller budget; with `menu` (the recorded tree) also every
     DraftRule of DRAFT_BUDGETS x DRAFT_MIN_PROBS on it, with LOOKUP_RULES (or the same rule) on the
     lookup steps; for sequential heads (`per_depth`) also on the menu cut at each smaller depth
-    (tree.to_depth), whose steps pay for fewer heads. The chosen plan is the one of highest tau among those within `tau_slack` of the
-    fastest (a fraction of its tokens/s). Returns (chosen plan, the fastest per budget) as dicts
+    (tree.to_depth), whose steps pay for fewer heads. The chosen plan is the one of highest tau among
+    those within `tau_slack` of the fastest (a fraction of its tokens/s). Returns (chosen plan, the fastest per budget) as dicts
     with nodes (root included), paths, lookup, min_ngram, lookup_paths, rule, lookup_rule (None,
     or a DraftRule's fields), tau, tok_per_s, speedup. With `chains` (a quantised base: decoding.generate
     decodes chains there) the plans are the top-ranked chain of each depth, the root alone on lookup steps,
@@ -236,9 +236,9 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
                                        "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
                                        "lookup_rule": None, **res})
     # sequential heads run one depth after another: a shallower menu drafts fewer nodes but asks fewer heads
-    menus = [to_depth(menu, d) for d in range(1, menu.heads_depth + 1)] if menu is not None and per_depth else [menu]
-    for sub in (m for m in menus if m is not None):
-        drafts = _Drafts(replays, sub)  # its nodes are the menu's first ones (to_depth): the recording serves
+    shallower = [to_depth(menu, d) for d in range(1, menu.heads_depth)] if menu is not None and per_depth else []
+    for sub in (*shallower, *([menu] if menu is not None else [])):
+        drafts = _Drafts(replays, sub)  # a shallower menu's nodes are the menu's first ones: the recording serves
         for b in (b for b in DRAFT_BUDGETS if b <= max_budget):
             for p in DRAFT_MIN_PROBS:
                 rule = DraftRule(b, p)
