@@ -120,21 +120,25 @@ class _Drafts:
             raise ValueError("Draft rules need the heads' probabilities: record the replays with replay.record.")
         self.replays, self.tree, self.memo = replays, tree, {}
 
-    def step(self, r: int, i: int, rule: DraftRule) -> tuple[int, int, int]:
-        key = (r, i, rule)
-        if key not in self.memo:
-            rep, tree, calls = self.replays[r], self.tree, []
-            own = rep.probs[i]  # (N,)
+    def of(self, rule: DraftRule):
+        """step(r, i) -> (L, nodes, depths) for `rule` at root reply[i] of replay r, memoised per rule."""
+        memo, tree = self.memo.setdefault(rule, {}), self.tree
 
-            def expand(d, on):
-                calls.append(d)
-                level = tree.levels[d]
-                return own[level.children[on[level.slot]]]
+        def step(r: int, i: int) -> tuple[int, int, int]:
+            if (r, i) not in memo:
+                rep, calls = self.replays[r], []
+                own = rep.probs[i]  # (N,)
 
-            nodes = grow_draft(tree, rule, expand)
-            L = max((len(tree.paths[j - 1]) for j in nodes[1:] if tree.paths[j - 1] in rep.right[i]), default=0)
-            self.memo[key] = (L, len(nodes), tree.heads_depth if calls else 0)
-        return self.memo[key]
+                def expand(d, on):
+                    calls.append(d)
+                    level = tree.levels[d]
+                    return own[level.children[on[level.slot]]]
+
+                nodes = grow_draft(tree, rule, expand)
+                L = max((len(tree.paths[j - 1]) for j in nodes[1:] if tree.paths[j - 1] in rep.right[i]), default=0)
+                memo[(r, i)] = (L, len(nodes), tree.heads_depth if calls else 0)
+            return memo[(r, i)]
+        return step
 
 
 def monotone_cost(cost: dict[int, float]) -> dict[int, float]:
@@ -170,17 +174,20 @@ def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: floa
     pooled tau (tokens per step), the modelled tokens/s and the speedup over plain decoding (one
     pass a token), from `cost` (seconds per pass of T tokens) and `heads_s` (seconds a heads call)."""
     sizes, secs = priced_curve(cost)
+    widest = 2 + lookup + max(len(paths), len(lookup_paths or ()), drafts.tree.size if drafts is not None else 0)
+    price = np.interp(np.arange(widest + 1), sizes, secs).tolist()  # seconds a pass of T tokens, by T
     if lookups is None or lookups.longest < lookup:  # chains found once, at least `lookup` long
         lookups = _Lookups(replays, max(lookup, 1))
     if (rule or lookup_rule) and drafts is None:
         raise ValueError("simulate needs drafts=_Drafts(replays, the recorded tree) to replay a draft rule.")
     plans = {False: set(map(tuple, paths)), True: set(map(tuple, paths if lookup_paths is None else lookup_paths))}
     rules = {False: rule, True: lookup_rule or rule}
+    drafted = {fired: drafts.of(r) for fired, r in rules.items() if r is not None}  # step(r, i) of each rule
     step_s = {}
     for fired, nodes in plans.items():
         calls = (max((len(p) for p in nodes), default=0) if per_depth else int(bool(nodes)))
         T = 1 + len(nodes) + (lookup if fired else 0)
-        step_s[fired] = float(np.interp(T, sizes, secs)) + heads_s * calls
+        step_s[fired] = price[T] + heads_s * calls
     tokens = steps = 0
     seconds = 0.0
     for r, rep in enumerate(replays):
@@ -192,15 +199,15 @@ def simulate(replays: list[Replay], paths, cost: dict[int, float], heads_s: floa
                 L = max((len(p) for p in rep.right[i] if p in plans[fired]), default=0)
                 seconds += step_s[fired]
             else:  # what the rule drafts here
-                L, n, calls = drafts.step(r, i, rules[fired])
+                L, n, calls = drafted[fired](r, i)
                 T = n + (lookup if fired else 0)
-                seconds += float(np.interp(T, sizes, secs)) + heads_s * (calls if per_depth else min(calls, 1))
+                seconds += price[T] + heads_s * (calls if per_depth else min(calls, 1))
             if fired:
                 L = max(L, min(chain, lookup))
             steps += 1
             i += L + 1
         tokens += len(rep.reply)
-    plain_s = tokens * float(np.interp(1, sizes, secs))
+    plain_s = tokens * price[1]
     return {"steps": steps, "tau": tokens / max(steps, 1), "tok_per_s": tokens / seconds if seconds else 0.0,
             "speedup": plain_s / seconds if seconds else 0.0}
 
@@ -209,9 +216,18 @@ def _rule_field(rule: DraftRule | None) -> dict | None:
     return None if rule is None else dataclasses.asdict(rule)  # a plan file's "rule" section
 
 
+def _budgets(nodes: int, max_budget: int) -> list[int]:
+    """The DraftRule budgets worth replaying on a menu of `nodes` heads' nodes: those of DRAFT_BUDGETS
+    up to max_budget that stop short of the menu, and the smallest that covers it (any larger one
+    drafts the same nodes)."""
+    tried = [b for b in DRAFT_BUDGETS if b <= max_budget]
+    return [b for b in tried if b < nodes] + [b for b in tried if b >= nodes][:1]
+
+
 def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, float], heads_s: float, per_depth: bool,
                 lookup_tokens=(0,), min_ngrams=LOOKUP_MIN_NGRAMS, max_budget: int = MAX_BUDGET,
-                menu: TreeBuffers | None = None, tau_slack: float = TAU_SLACK, chains: bool = False) -> tuple[dict, list[dict]]:
+                menu: TreeBuffers | None = None, tau_slack: float = TAU_SLACK, chains: bool = False,
+                progress: bool = True) -> tuple[dict, list[dict]]:
     """3. Every plan: the greedy tree of each node budget (0..max_budget), each lookup length, each
     trigger, and on lookup steps each smaller budget; with `menu` (the recorded tree) also every
     DraftRule of DRAFT_BUDGETS x DRAFT_MIN_PROBS on it, with LOOKUP_RULES (or the same rule) on the
@@ -221,34 +237,39 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
     with nodes (root included), paths, lookup, min_ngram, lookup_paths, rule, lookup_rule (None,
     or a DraftRule's fields), tau, tok_per_s, speedup. With `chains` (a quantised base: decoding.generate
     decodes chains there) the plans are the top-ranked chain of each depth, the root alone on lookup steps,
-    and no draft rules."""
+    and no draft rules. A rule whose budget reaches past a menu's nodes drafts what the smallest such
+    budget drafts, so it is replayed once, under that budget."""
+    from tqdm.auto import tqdm
+
     if chains:
         max_budget, menu = min(max_budget, rank_acc.shape[0]), None
     trees = [(chain_paths(b) if chains else greedy_tree(rank_acc, b)) if b else [] for b in range(max_budget + 1)]
     lookups = _Lookups(replays, max(max(lookup_tokens), 1))
-    options: list[list[dict]] = [[] for _ in range(max_budget + 1)]  # per budget
-    for b, paths in enumerate(trees):
-        for m in lookup_tokens:
-            for g in (min_ngrams if m else (1,)):
-                for bl in ((0,) if chains else range(b + 1)) if m else (b,):
-                    res = simulate(replays, paths, cost, heads_s, per_depth, m, g, trees[bl], lookups)
-                    options[b].append({"nodes": b + 1, "paths": [list(p) for p in paths], "lookup": m, "min_ngram": g,
-                                       "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
-                                       "lookup_rule": None, **res})
+    fixed = [(b, m, g, bl) for b in range(max_budget + 1) for m in lookup_tokens for g in (min_ngrams if m else (1,))
+             for bl in (((0,) if chains else range(b + 1)) if m else (b,))]
     # sequential heads run one depth after another: a shallower menu drafts fewer nodes but asks fewer heads
     shallower = [to_depth(menu, d) for d in range(1, menu.heads_depth)] if menu is not None and per_depth else []
-    for sub in (*shallower, *([menu] if menu is not None else [])):
-        drafts = _Drafts(replays, sub)  # a shallower menu's nodes are the menu's first ones: the recording serves
-        for b in (b for b in DRAFT_BUDGETS if b <= max_budget):
-            for p in DRAFT_MIN_PROBS:
-                rule = DraftRule(b, p)
-                for m in lookup_tokens:
-                    for g in (min_ngrams if m else (1,)):
-                        for lr in ((None, *(r for r in LOOKUP_RULES if r.budget <= b)) if m else (None,)):
-                            res = simulate(replays, sub.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts)
-                            options[b].append({"nodes": b + 1, "paths": [list(q) for q in sub.paths], "lookup": m,
-                                               "min_ngram": g, "lookup_paths": None, "rule": _rule_field(rule),
-                                               "lookup_rule": _rule_field(lr), **res})
+    ruled = [(sub, DraftRule(b, p), m, g, lr) for sub in (*shallower, *([menu] if menu is not None else []))
+             for b in _budgets(sub.size - 1, max_budget) for p in DRAFT_MIN_PROBS
+             for m in lookup_tokens for g in (min_ngrams if m else (1,))
+             for lr in ((None, *(r for r in LOOKUP_RULES if r.budget <= b)) if m else (None,))]
+    options: list[list[dict]] = [[] for _ in range(max_budget + 1)]  # per budget
+    bar = tqdm(total=len(fixed) + len(ruled), desc="replaying plans", disable=not progress)
+    for b, m, g, bl in fixed:
+        res = simulate(replays, trees[b], cost, heads_s, per_depth, m, g, trees[bl], lookups)
+        options[b].append({"nodes": b + 1, "paths": [list(p) for p in trees[b]], "lookup": m, "min_ngram": g,
+                           "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
+                           "lookup_rule": None, **res})
+        bar.update()
+    drafts = {}  # a shallower menu's nodes are the menu's first ones: the recording serves it
+    for sub, rule, m, g, lr in ruled:
+        drafts.setdefault(id(sub), _Drafts(replays, sub))
+        res = simulate(replays, sub.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts[id(sub)])
+        options[rule.budget].append({"nodes": rule.budget + 1, "paths": [list(q) for q in sub.paths], "lookup": m,
+                                     "min_ngram": g, "lookup_paths": None, "rule": _rule_field(rule),
+                                     "lookup_rule": _rule_field(lr), **res})
+        bar.update()
+    bar.close()
     per_budget = [max(o, key=lambda o: o["tok_per_s"]) for o in options]
     fastest = max(o["tok_per_s"] for o in per_budget)
     close = [o for opts in options for o in opts if o["tok_per_s"] >= (1 - tau_slack) * fastest]

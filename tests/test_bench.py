@@ -132,6 +132,27 @@ def test_choose_plan_cuts_the_menu_where_the_deeper_heads_only_cost():
         to_depth(menu, 3)
 
 
+def test_choose_plan_replays_a_rule_that_covers_its_menu_once():
+    """A DraftRule whose budget reaches past a menu's nodes drafts the whole menu (above its floor),
+    whatever the budget: choose_plan replays it once, under the smallest such budget, so the fastest
+    plan of a larger budget is one that really drafts that many nodes."""
+    from medusa_lib.replay import _budgets, _Drafts
+    from medusa_lib.tree import DraftRule, build_tree
+    assert _budgets(2, 15) == [1, 2] and _budgets(7, 15) == [1, 2, 3, 4, 5, 6, 8] and _budgets(20, 5) == [1, 2, 3, 4, 5]
+    menu = build_tree([(0,), (0, 0)], topk=5, num_heads=2)
+    probs = np.full((6, 3), 0.9)
+    probs[[1, 2, 4, 5], 1] = 0.1
+    rep = Replay(np.array([1, 2, 3]), np.arange(10, 16), synthetic_replay().right, probs)
+    cost, heads_s = {1: 0.010, 2: 0.011, 3: 0.012, 9: 0.100}, 0.002  # big trees are dear
+    for p in (0.0, 0.5):  # the premise: past the menu's 2 nodes the budget changes nothing
+        covered = simulate([rep], menu.paths, cost, heads_s, True, rule=DraftRule(2, p), drafts=_Drafts([rep], menu))
+        assert simulate([rep], menu.paths, cost, heads_s, True, rule=DraftRule(8, p), drafts=_Drafts([rep], menu)) == covered
+    rank_acc = rank_accuracy(np.array([[0.6, 0.7, 0.8, 0.9, 1.0]] * 2))
+    _, per_budget = choose_plan([rep], rank_acc, cost, heads_s, per_depth=True, max_budget=8, menu=menu, progress=False)
+    assert all(o["rule"] is None or o["rule"]["budget"] <= len(o["paths"]) for o in per_budget)
+    assert [o["nodes"] for o in per_budget] == list(range(1, 10)) and per_budget[8]["rule"] is None
+
+
 def test_replay_vs_measured_sets_each_promise_beside_the_benchmark():
     rep = synthetic_replay()
     cost = {1: 0.010, 4: 0.013}
