@@ -158,7 +158,10 @@ def verify_cost_curve(rt, sizes, prefix: int = 200, reps: int = 25) -> dict[int,
     return {T: float(np.median(ts)) for T, ts in times.items()}
 
 
-def prefix_cost(rt, prefixes=(100, 600, 1200, 1900), widths=(1, 8), reps: int = 15) -> dict[int, dict[int, float]]:
+PREFIX_WIDTHS = (1, 8)  # pass widths prefix_cost times on each prefix
+
+
+def prefix_cost(rt, prefixes=(100, 600, 1200, 1900), widths=PREFIX_WIDTHS, reps: int = 15) -> dict[int, dict[int, float]]:
     """Milliseconds of a pass of T tokens on top of each prefix of cached tokens (median of `reps`,
     round-robin as in verify_cost_curve): how a graph's pass grows with the context it attends to."""
     from medusa_lib.decoding import run_base
@@ -804,11 +807,13 @@ def main(argv=None) -> None:
         for key, graph, weights in (("", cfg.base_graph, "fp32"), ("_reference", "reference", "fp32"),
                                     *((f"@{w}", "auto", w) for w in raced)):
             rt = load_runtime(resolve_export_dir(cfg, a.heads), cfg.kv_capacity, cfg.threads if a.threads is None else a.threads,
-                              max_nodes=max(cfg.cost_curve_sizes), with_heads=False, graph=graph, weights=weights)
+                              max_nodes=max(*cfg.cost_curve_sizes, *PREFIX_WIDTHS), with_heads=False, graph=graph,
+                              weights=weights)
             result[f"cost_curve_ms{key}"] = {T: round(s * 1e3, 3) for T, s in verify_cost_curve(rt, cfg.cost_curve_sizes).items()}
             result[f"prefix_cost_ms{key}"] = prefix_cost(rt)
-            print(f"ms per verification pass ({rt.graph} graph, {weights}):", result[f"cost_curve_ms{key}"])
-            print(f"ms per pass of 1 and 8 tokens by cached tokens ({rt.graph} graph, {weights}):", result[f"prefix_cost_ms{key}"])
+            held = weights if weights != "fp32" else rt.info["dtype"]  # fp32 weights, or in an fp16 export fp16
+            print(f"ms per verification pass ({rt.graph} graph, {held}):", result[f"cost_curve_ms{key}"])
+            print(f"ms per pass of 1 and 8 tokens by cached tokens ({rt.graph} graph, {held}):", result[f"prefix_cost_ms{key}"])
             del rt
     import pandas as pd
     with pd.option_context("display.width", 160, "display.max_columns", 20):

@@ -169,8 +169,9 @@ GRAPHS = ("auto", "fast", "reference")
 def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, options, providers,
                   weights: str = "fp32") -> ort.InferenceSession | None:
     """The fast graph's session, or None (with the reason said) where the reference graph must serve:
-    an export without it, an fp16 export, the CUDA provider (GroupQueryAttention has no fp32 kernel
-    there), a capacity beyond its rotary tables, or an ONNX Runtime that lacks its operators.
+    an export without it, an fp32 export on the CUDA provider (GroupQueryAttention has no fp32 kernel
+    there; an fp16 export carries an fp16 fast graph), a capacity beyond its rotary tables, or an ONNX
+    Runtime that lacks its operators or rejects an input of them (tried on one pass: `_fast_graph_runs`).
     Quantised weights exist on the fast graph only, so for them each of these is an error instead."""
     name = info["files"].get("base_fast" if weights == "fp32" else f"base_fast_{weights}")
     why = None
@@ -178,18 +179,21 @@ def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, optio
         note = info.get("fast_graph", "exported before the fast graph existed; re-export") if weights == "fp32" else \
             info.get("quantised", {}).get(weights, {}).get("skipped", "exported before quantised graphs existed; re-export")
         why = f"{export_dir} has no fast graph{'' if weights == 'fp32' else ' with ' + weights + ' weights'} ({note})"
-    elif providers[0] == "CUDAExecutionProvider":
+    elif providers[0] == "CUDAExecutionProvider" and info.get("dtype") != "float16":
         why = ("GroupQueryAttention runs in fp16/bf16 only on ONNX Runtime's CUDA provider, and the graphs are fp32 "
-               "(the lossless choice)")
+               "(the lossless choice; an export with export_dtype 'float16' carries an fp16 fast graph)")
     else:
         try:
             session = ort.InferenceSession(str(export_dir / name), options, providers=providers)
         except Exception as err:  # an ORT without com.microsoft.GroupQueryAttention's inputs, or a damaged file
             why = f"ONNX Runtime {ort.__version__} cannot load {export_dir / name} ({str(err).splitlines()[0][:160]})"
         else:
-            if capacity <= max_positions_of(session):
+            if capacity > max_positions_of(session):
+                why = f"kv capacity {capacity} exceeds the {max_positions_of(session)} positions of its rotary tables"
+            else:
+                why = _fast_graph_runs(session, export_dir / name)
+            if why is None:
                 return session
-            why = f"kv capacity {capacity} exceeds the {max_positions_of(session)} positions of its rotary tables"
     if weights != "fp32":
         raise RuntimeError(f"weights={weights!r} cannot run: {why}. The quantised weights live in the fast graph only: "
                            f"re-export (notebook 04) or use weights='fp32'.")
@@ -197,6 +201,27 @@ def _fast_session(export_dir: Path, info: dict, graph: str, capacity: int, optio
         raise RuntimeError(f"graph='fast' cannot run: {why}. Use graph='auto' (falls back to the reference graph).")
     warnings.warn(f"Fast base graph not used: {why}; decoding with the reference graph (slower, same outputs).",
                   stacklevel=3)
+    return None
+
+
+def _fast_graph_runs(session: ort.InferenceSession, path: Path) -> str | None:
+    """None when `session` (a fast graph) runs a pass of two tree tokens on two cached rows; else why
+    not. A provider can load GroupQueryAttention yet reject, at run time, an input the fast graph
+    needs (ONNX Runtime's CUDA kernel rejected `attention_bias` until mid-2026): better to find that
+    at load, and fall back saying so, than in the middle of a reply. The feed is made from the graph's
+    own inputs, so an export_info.json that disagrees with it is left to _check_base to name."""
+    real = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    feed = {"input_ids": np.zeros((1, 2), np.int64), "position_ids": np.array([[2, 3]], np.int64),
+            "seqlens_k": np.array([3], np.int32), "total_sequence_length": np.array(4, np.int32)}
+    for arg in session.get_inputs():
+        if arg.name == "attention_bias":
+            feed[arg.name] = np.zeros((1, 1, 2, 4), real.get(arg.type, np.float32))
+        elif arg.name.startswith("past_key_values."):  # (1, kv_heads, rows, head_dim): two cached rows
+            feed[arg.name] = np.zeros((1, arg.shape[1], 2, arg.shape[3]), real.get(arg.type, np.float32))
+    try:
+        session.run(["logits"], feed)
+    except Exception as err:  # ONNX Runtime raises its own types
+        return f"ONNX Runtime {ort.__version__} cannot run {path} on {session.get_providers()[0]} ({str(err).splitlines()[0][:200]})"
     return None
 
 

@@ -298,16 +298,15 @@ def _export_base_graphs(model, work: Path, fp16: bool, quantised: tuple[str, ...
     export_base(model, work, torch.float16 if fp16 else torch.float32)
     fast_file, fast_note = None, None  # the fast graph (fast_graph.py) beside the reference one, where it applies
     quantised_files, quantised_info = {}, {}
-    if fp16:
-        fast_note = "fp16 export: the fast graph is written in fp32 only"
-    else:
-        from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
-        fast_note = fast_graph_problem(model)
-        if fast_note is None:
-            fast_file = export_fast_base(model, work)[0].name
+    from medusa_lib.fast_graph import export_fast_base, fast_graph_problem
+    fast_note = fast_graph_problem(model)
+    if fast_note is None:
+        fast_file = export_fast_base(model, work, fp16=fp16)[0].name  # fp16 in an fp16 export (what CUDA runs)
+        if not fp16:
             quantised_files, quantised_info = _export_quantised(model, work, quantised, base_model)
     for weights in quantised:
-        quantised_info.setdefault(weights, {"skipped": fast_note})
+        quantised_info.setdefault(weights, {"skipped": fast_note or "fp16 export: the quantised weight sets are "
+                                                                    "written beside an fp32 export only"})
     return {"files": {"base": BASE_FILE, "base_fast": fast_file, "base_fast_skipped": fast_note, **quantised_files},
             "fast_graph": fast_note or "written", "quantised": quantised_info}
 
@@ -446,7 +445,12 @@ def resolve_export_dir(cfg, heads: str | Path | None = None) -> Path:
         if not (folder / INFO_FILE).is_file():
             raise FileNotFoundError(f"No exported model in {folder}: run notebook 04 (ONNX export) first, or pass --heads DIR.")
         from medusa_lib.train import heads_dir
-        made = read_export_info(folder).get("heads_fingerprint")
+        info = read_export_info(folder)
+        want = "float16" if export_fp16(cfg) else "float32"
+        if info.get("dtype") != want:  # never decode other graphs than the settings ask for
+            raise ValueError(f"{folder} holds {info.get('dtype')} graphs but export_dtype is {want!r}: run notebook 04 "
+                             f"(ONNX export) again with these settings, or pass --heads DIR (exported there).")
+        made = info.get("heads_fingerprint")
         source = heads_dir(cfg)  # what notebook 04 exports into data/<preset>/onnx
         if made and (source / "heads_config.json").is_file():
             from medusa_lib.heads import checkpoint_fingerprint

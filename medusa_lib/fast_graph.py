@@ -39,6 +39,9 @@ projection therefore rounds every row on its own grid (`matmul_int8_rows`):
 
 so a row gives the same bits in any pass, as the attention's spare row makes the attention do.
 
+An fp16 export writes the fp32 weight set in fp16 (`fp16=True`): ONNX Runtime's CUDA provider has
+GroupQueryAttention kernels for fp16 and bf16 only, so that is the fast graph a GPU can run.
+
     problem = fast_graph_problem(model)      # None, or why this base cannot have the fast graph
     export_fast_base(model, "data/onnx")     # -> data/onnx/base_fast.onnx
 """
@@ -58,8 +61,8 @@ from medusa_lib.quant import ACCURACY_LEVEL, BLOCK, Channels, concat
 FAST_FILE = "base_fast.onnx"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
-FAST_GRAPH_VERSION = 3  # 2: the attention's spare row, the quantised graphs beside it; 3: int8 on the integer GEMM
-# (exports record it)
+FAST_GRAPH_VERSION = 4  # 2: the attention's spare row, the quantised graphs beside it; 3: int8 on the integer GEMM;
+# 4: an fp16 export carries the fast graph in fp16 (exports record it)
 SPARE_ROWS = 1  # cache rows after the last token that a pass may write (the attention's spare row)
 MAX_POSITIONS = 8192  # rotary tables' rows: the largest KV capacity the fast graph serves (unless the base has fewer)
 
@@ -112,13 +115,18 @@ def rotary_tables(model, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return _np(cos[0, :, :half]), _np(sin[0, :, :half])
 
 
-def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) -> onnx.ModelProto:
+def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None, fp16: bool = False) -> onnx.ModelProto:
     """The fast graph of `model` as an in-memory ONNX model: fp32 weights, or with `quantised` (a
     quant.QuantisedWeights) every projection and the output head quantised (MatMulNBits blocks for q4,
-    the integer GEMM on 8-bit channels for int8)."""
+    the integer GEMM on 8-bit channels for int8). With `fp16` every float (weights, activations, cache,
+    bias, outputs) is fp16: the graph ONNX Runtime's CUDA provider can run, since its
+    GroupQueryAttention kernels are fp16/bf16 only (the norms still accumulate in fp32)."""
     problem = fast_graph_problem(model)
     if problem:
         raise NotImplementedError(f"No fast graph for this base: {problem}.")
+    if fp16 and quantised is not None:
+        raise NotImplementedError("The quantised fast graphs are written with fp32 activations only, not fp16.")
+    real = np.float16 if fp16 else np.float32
     cfg, inner = model.config, model.model
     layers = inner.layers
     attn0 = layers[0].self_attn
@@ -133,7 +141,7 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
     inits, nodes = [], []
 
     def init(name, array):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=real)
                                              if array.dtype.kind == "f" else np.ascontiguousarray(array), name))
         return name
 
@@ -253,7 +261,7 @@ def build_fast_graph(model, max_positions: int = MAX_POSITIONS, quantised=None) 
     if getattr(lm, "bias", None) is not None:
         raise NotImplementedError("No fast graph for this base: a bias on lm_head.")
 
-    f, i32, i64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+    f, i32, i64 = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
     kv = [1, Hkv, "S", D]
     inputs = [helper.make_tensor_value_info("input_ids", i64, [1, "T"]),
               helper.make_tensor_value_info("position_ids", i64, [1, "T"]),
@@ -277,17 +285,18 @@ def fast_file(weights: str = "fp32") -> str:
 
 
 def export_fast_base(model, out_dir: str | Path, max_positions: int = MAX_POSITIONS, weights: str = "fp32",
-                     gguf_path: str | Path | None = None) -> tuple[Path, dict | None]:
+                     gguf_path: str | Path | None = None, fp16: bool = False) -> tuple[Path, dict | None]:
     """Write the fast graph with `weights` (quant.WEIGHTS) to out_dir/fast_file(weights) (weights beside it
     when over protobuf's 2 GB limit); renamed into place last, so an interrupted export never leaves a
-    file that looks whole. Returns (path, the quantised weights' error report or None for fp32).
+    file that looks whole; with `fp16`, the fp32 weight set in fp16 (build_fast_graph). Returns (path,
+    the quantised weights' error report or None for fp32).
     A q4 request for a base without Q4_1 blocks raises quant.NoQ4Blocks."""
     from medusa_lib.export import EXTERNAL_DATA_LIMIT
     from medusa_lib.quant import QuantisedWeights
 
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     quantised = None if weights == "fp32" else QuantisedWeights(weights, model, gguf_path)
-    proto = build_fast_graph(model, max_positions, quantised)
+    proto = build_fast_graph(model, max_positions, quantised, fp16)
     proto.metadata_props.append(onnx.StringStringEntryProto(key="weights", value=weights))
     large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_LIMIT - (64 << 20)
     path = out_dir / fast_file(weights)

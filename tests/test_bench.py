@@ -329,6 +329,9 @@ def test_trees_plans_and_exports_sized_for_other_heads_are_refused(tmp_path, mon
     write_json(onnx / "export_info.json", {**info, "dtype": "float32", "files": {}, "eos_token_ids": [],
                                            "heads_fingerprint": checkpoint_fingerprint(ckpt)})
     assert resolve_export_dir(cfg) == onnx
+    # fp16 asked of fp32 graphs (export_dtype set after notebook 04 ran): refused, not decoded in fp32
+    with pytest.raises(ValueError, match="onnx holds float32 graphs but export_dtype is 'float16': run notebook 04"):
+        resolve_export_dir(cfg.replace(export_dtype="float16"))
     (ckpt / "heads.safetensors").write_bytes(b"v2")
     with pytest.raises(ValueError, match="onnx was exported from other heads than .* holds now.*notebook 04"):
         resolve_export_dir(cfg)

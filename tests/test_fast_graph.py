@@ -192,3 +192,55 @@ def test_bases_the_fast_graph_cannot_express_are_exported_without_it(tmp_path):
     assert rt.graph == "reference"
     with pytest.raises(NotImplementedError, match="No fast graph for this base"):
         build_fast_graph(qwen3)
+
+
+FP16_LOGITS_ATOL = 5e-3  # fp16 graphs vs the fp32 PyTorch model, as for the fp16 reference graph (test_export_decoding)
+
+
+def test_an_fp16_export_carries_an_fp16_fast_graph_that_decodes_losslessly(tiny_llama, tmp_path):
+    """export_dtype float16 (the CUDA provider's GroupQueryAttention is fp16/bf16 only): the fast graph is
+    written in fp16 beside the fp16 reference graph, matches PyTorch within fp16's tolerance, and Medusa's
+    greedy output equals plain greedy output on it (ONNX Runtime's CPU provider runs it here)."""
+    torch.manual_seed(5)
+    heads = MedusaHeads(HeadsConfig.for_base(tiny_llama, num_heads=3, token_inputs="path", block_expansion=2))
+    info = export_medusa(tiny_llama, perturbed(heads, 0.05, 5), tmp_path, topk=4, fp16=True)
+    assert info["files"]["base_fast"] == FAST_FILE and info["fast_graph"] == "written"
+    assert all("fp16 export" in q["skipped"] for q in info["quantised"].values())  # quantised sets: fp32 exports only
+    graph = onnx.load(str(tmp_path / FAST_FILE)).graph
+    assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["attention_bias"] == onnx.TensorProto.FLOAT16
+    rt = load_runtime(tmp_path, capacity=256, max_nodes=16)
+    assert rt.graph == "fast" and rt.np_dtype == np.float16 and rt.cache.dtype == torch.float16
+    tree = build_tree(TREE, topk=4, num_heads=3)
+    rng = np.random.default_rng(2)
+    for prompt in PROMPTS[:2]:
+        for row in parity_report(tiny_llama, rt, prompt, rng.integers(0, 97, tree.size), tree):
+            assert row["max_abs_diff"] <= FP16_LOGITS_ATOL, row
+    accepted = 0
+    for prompt in PROMPTS:
+        plain, _ = generate(rt, prompt, None, 40, eos_token_ids=[])
+        for kwargs in ({}, {"lookup": 3}, {"lookup": 4, "rule": DraftRule(2), "lookup_rule": DraftRule(1)}):
+            medusa, stats = generate(rt, prompt, tree, 40, eos_token_ids=[], **kwargs)
+            assert medusa == plain, (prompt, kwargs)
+            accepted += sum(stats.accept_lens)
+    assert accepted > 0
+
+
+def test_a_fast_graph_that_loads_but_cannot_run_falls_back_saying_why(medusa1_export, monkeypatch):
+    """A provider may load GroupQueryAttention and still reject an input at run time (ONNX Runtime's CUDA
+    kernel and `attention_bias`, until mid-2026): the runtime tries one pass at load, says why, and
+    decodes with the reference graph; graph='fast' is an error."""
+    real_run = ort.InferenceSession.run
+
+    def run(self, output_names, feed, *args, **kwargs):
+        if "seqlens_k" in feed:  # the fast graph's inputs
+            raise RuntimeError("attention_bias is not supported in GroupQueryAttention cuda kernel.")
+        return real_run(self, output_names, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    with pytest.warns(UserWarning, match=r"cannot run .*base_fast.onnx on CPUExecutionProvider \(attention_bias is not"):
+        rt = load_runtime(medusa1_export, capacity=64, max_nodes=16)
+    assert rt.graph == "reference"
+    plain, _ = generate(rt, PROMPTS[0], None, 8, eos_token_ids=[])
+    assert len(plain) == 8
+    with pytest.raises(RuntimeError, match="graph='fast' cannot run: ONNX Runtime"):
+        load_runtime(medusa1_export, capacity=64, max_nodes=16, graph="fast")
