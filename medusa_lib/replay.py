@@ -249,7 +249,8 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
              for bl in (((0,) if chains else range(b + 1)) if m else (b,))]
     # sequential heads run one depth after another: a shallower menu drafts fewer nodes but asks fewer heads
     shallower = [to_depth(menu, d) for d in range(1, menu.heads_depth)] if menu is not None and per_depth else []
-    ruled = [(sub, DraftRule(b, p), m, g, lr) for sub in (*shallower, *([menu] if menu is not None else []))
+    menus = (*shallower, *([menu] if menu is not None else []))
+    ruled = [(sub, DraftRule(b, p), m, g, lr) for sub in menus
              for b in _budgets(sub.size - 1, max_budget) for p in DRAFT_MIN_PROBS
              for m in lookup_tokens for g in (min_ngrams if m else (1,))
              for lr in ((None, *(r for r in LOOKUP_RULES if r.budget <= b)) if m else (None,))]
@@ -261,9 +262,8 @@ def choose_plan(replays: list[Replay], rank_acc: np.ndarray, cost: dict[int, flo
                            "lookup_paths": [list(p) for p in trees[bl]] if m else None, "rule": None,
                            "lookup_rule": None, **res})
         bar.update()
-    drafts = {}  # a shallower menu's nodes are the menu's first ones: the recording serves it
+    drafts = {id(sub): _Drafts(replays, sub) for sub in menus}  # a sub-menu is the menu's first nodes: one recording
     for sub, rule, m, g, lr in ruled:
-        drafts.setdefault(id(sub), _Drafts(replays, sub))
         res = simulate(replays, sub.paths, cost, heads_s, per_depth, m, g, None, lookups, rule, lr, drafts[id(sub)])
         options[rule.budget].append({"nodes": rule.budget + 1, "paths": [list(q) for q in sub.paths], "lookup": m,
                                      "min_ngram": g, "lookup_paths": None, "rule": _rule_field(rule),
